@@ -1,0 +1,198 @@
+"""The rule-file template language (files under rules/).
+
+A rule file is plain text in the syntax of the kernel tool it feeds (iptables arguments,
+``ip route``/``ip rule`` arguments, ``ipset`` save lines …) with four additions:
+
+- ``# …`` on its own line is a comment; blank lines are ignored.
+- ``${NAME}`` and ``${item.field}`` are substituted. Names come from :mod:`noderedirect.names`
+  and from the validated values (see :func:`noderedirect.desired.context`). An unknown name is
+  an error, never an empty string.
+- ``@if EXPR`` / ``@elif EXPR`` / ``@else`` / ``@end`` keep or drop lines. EXPR is a small
+  expression: names, ``a.b``, strings, numbers, ``== != < <= > >=``, ``in``, ``and or not``.
+- ``@for NAME in EXPR`` / ``@end`` repeats lines for each item of a list.
+
+Expansion yields (file, line number, text) so every later error can point at its template line.
+Nothing here knows what a mark or a route is.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\}")
+
+
+class TemplateError(Exception):
+    def __init__(self, where: str, msg: str):
+        super().__init__(f"{where}: {msg}")
+        self.where = where
+
+
+@dataclass(frozen=True)
+class Line:
+    file: str
+    lineno: int
+    text: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.lineno}"
+
+
+def _lookup(ctx: dict[str, Any], dotted: str, where: str) -> Any:
+    head, *rest = dotted.split(".")
+    if head not in ctx:
+        raise TemplateError(where, f"unknown name {head!r}")
+    val = ctx[head]
+    for part in rest:
+        if isinstance(val, dict) and part in val:
+            val = val[part]
+        elif hasattr(val, part) and not part.startswith("_"):
+            val = getattr(val, part)
+        else:
+            raise TemplateError(where, f"{dotted!r}: no field {part!r}")
+    return val
+
+
+_ALLOWED = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, ast.Compare,
+            ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.In, ast.NotIn, ast.Name,
+            ast.Load, ast.Attribute, ast.Constant, ast.Tuple, ast.List)
+
+
+def evaluate(expr: str, ctx: dict[str, Any], where: str) -> Any:
+    try:
+        tree = ast.parse(expr.strip(), mode="eval")
+    except SyntaxError as e:
+        raise TemplateError(where, f"bad expression {expr!r}: {e.msg}") from None
+    for node in ast.walk(tree):
+        if not isinstance(node, _ALLOWED):
+            raise TemplateError(where, f"{type(node).__name__} is not allowed in {expr!r}")
+
+    def ev(n: ast.AST) -> Any:
+        if isinstance(n, ast.Expression):
+            return ev(n.body)
+        if isinstance(n, ast.Constant):
+            return n.value
+        if isinstance(n, (ast.Tuple, ast.List)):
+            return tuple(ev(e) for e in n.elts)
+        if isinstance(n, ast.Name):
+            return _lookup(ctx, n.id, where)
+        if isinstance(n, ast.Attribute):
+            return _lookup({"_": ev(n.value)}, "_." + n.attr, where)
+        if isinstance(n, ast.UnaryOp):
+            return not ev(n.operand)
+        if isinstance(n, ast.BoolOp):
+            vals = (ev(v) for v in n.values)
+            return all(vals) if isinstance(n.op, ast.And) else any(vals)
+        if isinstance(n, ast.Compare):
+            left = ev(n.left)
+            for op, comp in zip(n.ops, n.comparators):
+                right = ev(comp)
+                ok = {ast.Eq: lambda a, b: a == b, ast.NotEq: lambda a, b: a != b,
+                      ast.Lt: lambda a, b: a < b, ast.LtE: lambda a, b: a <= b,
+                      ast.Gt: lambda a, b: a > b, ast.GtE: lambda a, b: a >= b,
+                      ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b}[type(op)](left, right)
+                if not ok:
+                    return False
+                left = right
+            return True
+        raise TemplateError(where, f"cannot evaluate {expr!r}")  # pragma: no cover
+
+    return ev(tree)
+
+
+def substitute(text: str, ctx: dict[str, Any], where: str) -> str:
+    def repl(m: re.Match) -> str:
+        val = _lookup(ctx, m.group(1), where)
+        if val is None:
+            raise TemplateError(where, f"${{{m.group(1)}}} has no value here")
+        if isinstance(val, bool):
+            raise TemplateError(where, f"${{{m.group(1)}}} is a boolean; use it in @if")
+        return str(val)
+
+    out = _VAR.sub(repl, text)
+    if "${" in out:
+        raise TemplateError(where, f"malformed placeholder in {text!r}")
+    return out
+
+
+def expand(source: str, filename: str, ctx: dict[str, Any]) -> list[Line]:
+    """Expand a template into substituted lines (comments and blanks dropped)."""
+    raw = [(i + 1, line.rstrip("\n")) for i, line in enumerate(source.splitlines())]
+    pos = 0
+
+    def block(ctx: dict[str, Any], active: bool, stop: tuple[str, ...]) -> tuple[list[Line], str]:
+        nonlocal pos
+        out: list[Line] = []
+        while pos < len(raw):
+            lineno, text = raw[pos]
+            where = f"{filename}:{lineno}"
+            stripped = text.strip()
+            if stripped.startswith("@"):
+                word, _, rest = stripped[1:].partition(" ")
+                if word in stop:
+                    return out, word
+                pos += 1
+                if word == "if":
+                    out += _if(ctx, active, rest, where)
+                elif word == "for":
+                    out += _for(ctx, active, rest, where)
+                else:
+                    raise TemplateError(where, f"unexpected @{word}")
+                continue
+            pos += 1
+            if not stripped or stripped.startswith("#"):
+                continue
+            if active:
+                out.append(Line(filename, lineno, substitute(stripped, ctx, where)))
+        if stop:
+            raise TemplateError(f"{filename}:{len(raw)}", f"missing @end (expected one of {stop})")
+        return out, ""
+
+    def _if(ctx, active, expr, where) -> list[Line]:
+        nonlocal pos
+        taken = False
+        out: list[Line] = []
+        cond = bool(evaluate(expr, ctx, where)) if active else False
+        while True:
+            lines, word = block(ctx, active and cond and not taken, ("elif", "else", "end"))
+            out += lines
+            taken = taken or cond
+            lineno, text = raw[pos]
+            pos += 1
+            if word == "end":
+                return out
+            w2 = f"{filename}:{lineno}"
+            if word == "elif":
+                cond = bool(evaluate(text.strip()[5:], ctx, w2)) if active and not taken else False
+            else:
+                cond = True
+
+    def _for(ctx, active, spec, where) -> list[Line]:
+        nonlocal pos
+        m = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)\s+in\s+(.+)", spec.strip())
+        if not m:
+            raise TemplateError(where, f"@for needs 'NAME in EXPR', got {spec!r}")
+        items = list(evaluate(m.group(2), ctx, where)) if active else []
+        start = pos
+        out: list[Line] = []
+        if not items:
+            _, word = block(ctx, False, ("end",))
+            pos += 1
+            return out
+        for item in items:
+            pos = start
+            lines, _ = block({**ctx, m.group(1): item}, active, ("end",))
+            out += lines
+        pos += 1
+        return out
+
+    lines, _ = block(ctx, True, ())
+    return lines
+
+
+def tokens(line: Line) -> Iterator[str]:
+    return iter(line.text.split())
