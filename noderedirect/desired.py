@@ -7,14 +7,17 @@ Pure: no I/O beyond reading rule files.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Optional
 
-from . import names
+from . import consistency, names
 from .model import NetnsState, Pod, Rendered, Values
-from .render import render_family
+from .render import RenderError, render_family
 
 LEGACY_ROLES = ("node", "ztunnel")
+
+log = logging.getLogger(__name__)
 
 
 def context(values: Values) -> dict[str, Any]:
@@ -47,18 +50,34 @@ def legacy(values: Values, rules: Optional[Path] = None) -> Rendered:
     return Rendered(mode="legacy", version=values.node.istio_version, netns=(node, zt))
 
 
-def inpod_pod_context(values: Values, pod: Pod) -> dict[str, Any]:
-    """Context for one ambient pod's netns in in-pod mode (per-pod knobs resolved)."""
+def inpod_ipv6(values: Values) -> bool:
+    """IPv6 in-pod rules: asked for, and the era could do it (1.21-1.22 never passed the flag on)."""
     n = values.node
+    return n.inpod_ipv6 and n.inpod_version >= "1.23"
+
+
+def inpod_pod_context(values: Values, pod: Pod) -> dict[str, Any]:
+    """Context for one ambient pod's netns in in-pod mode (per-pod knobs resolved).
+
+    A knob the era did not know yet is ignored, as that era's agent ignored the annotation:
+    ingress mode from 1.24, per-pod DNS and virtual interfaces from 1.25.
+    """
+    n = values.node
+    ver = n.inpod_version
     ctx = context(values)
-    dns = n.dns_capture if pod.dns_capture is None else pod.dns_capture
+    dns = n.dns_capture if pod.dns_capture is None or ver < "1.25" else pod.dns_capture
+    ingress = pod.ingress and ver >= "1.24"
+    vis = list(pod.virtual_interfaces) if ver >= "1.25" else []
+    if (pod.ingress and not ingress) or (pod.virtual_interfaces and not vis) or (
+            pod.dns_capture is not None and ver < "1.25"):
+        log.info("pod=%s version=%s: per-pod knobs this era did not have are ignored", pod.key, ver)
     ctx.update({
-        "version": n.inpod_version,
+        "version": ver,
         "pod": pod,
         "dns_capture": dns,
-        "ingress": pod.ingress,
-        "virtual_interfaces": list(pod.virtual_interfaces),
-        "ipv6": n.inpod_ipv6,
+        "ingress": ingress,
+        "virtual_interfaces": vis,
+        "ipv6": inpod_ipv6(values),
         "per_family": {
             4: {"LO": "127.0.0.1/32", "PROBE": n.probe_snat_v4},
             6: {"LO": "::1/128", "PROBE": n.probe_snat_v6},
@@ -68,11 +87,12 @@ def inpod_pod_context(values: Values, pod: Pod) -> dict[str, Any]:
 
 
 def inpod(values: Values, rules: Optional[Path] = None) -> Rendered:
-    """In-pod mode: the node netns (probe SNAT + ipset) and one netns per ambient pod."""
+    """In-pod mode: the node netns (probe SNAT + ipsets) and one netns per ambient pod."""
     n = values.node
-    fams = (4, 6) if n.inpod_ipv6 else (4,)
+    ipv6 = inpod_ipv6(values)
+    fams = (4, 6) if ipv6 else (4,)
     nctx = context(values)
-    nctx.update({"version": n.inpod_version, "ipv6": n.inpod_ipv6,
+    nctx.update({"version": n.inpod_version, "ipv6": ipv6,
                  "per_family": {4: {"PROBE": n.probe_snat_v4}, 6: {"PROBE": n.probe_snat_v6}}})
     netns: list[NetnsState] = [render_family("inpod/node", nctx, "node", families=fams, base=rules)]
     for pod in values.pods:
@@ -82,8 +102,15 @@ def inpod(values: Values, rules: Optional[Path] = None) -> Rendered:
 
 
 def render(values: Values, mode: str = "legacy", rules: Optional[Path] = None) -> Rendered:
+    """Render one design and check it (a template bug raises RenderError, never reaches a kernel)."""
     if mode == "legacy":
-        return legacy(values, rules)
-    if mode == "inpod":
-        return inpod(values, rules)
-    raise ValueError(f"unknown mode {mode!r}")
+        out = legacy(values, rules)
+    elif mode == "inpod":
+        out = inpod(values, rules)
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    try:
+        consistency.check(out)
+    except consistency.ConsistencyError as e:
+        raise RenderError(str(e)) from None
+    return out

@@ -90,6 +90,10 @@ BUILTIN_TARGETS = frozenset(
     {"INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING", "ACCEPT", "RETURN", "DROP"}
 )
 TABLE_ORDER = ("raw", "mangle", "nat", "filter")
+# owned chains that exist on purpose with no rules: legacy mangle ztunnel-POSTROUTING (W22), and
+# in-pod nat ISTIO_PRERT in ingress mode (declared by the jump alone). Any other jump to an
+# empty chain is a template mistake.
+EMPTY_CHAINS_ALLOWED = frozenset({("mangle", CHAIN_PREFIX + "POSTROUTING"), ("nat", "ISTIO_PRERT")})
 
 # ---------------------------------------------------------------- ownership
 LEGACY_NODE_RULE_PRIOS = (PRIO_SKIP, PRIO_OUTBOUND, PRIO_PROXYRET, PRIO_INBOUND)
