@@ -100,7 +100,8 @@ class NodeParams:
     inpod_ipv6: bool
     probe_snat_v4: str
     probe_snat_v6: str
-    all_interfaces_rp_filter: bool = False
+    tun_host_ip_explicit: bool = False     # ztunnel.tunnelHostIP given: never re-derived
+    geneve_port_explicit: bool = False     # geneve.dstPort given: no port selection
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,11 @@ class IptRule:
                 and t is not None and names.is_owned_chain(t))
 
     def restore_line(self) -> str:
-        return f"{self.op} {self.chain} {self.args}"
+        # "-I <pos>" is stored as one op, but iptables spells it "-I CHAIN POS"
+        op, _, pos = self.op.partition(" ")
+        if pos:
+            return f"{op} {self.chain} {pos} {self.args}"
+        return f"{op} {self.chain} {self.args}"
 
     def save_line(self) -> str:
         return f"-A {self.chain} {self.args}"

@@ -91,9 +91,37 @@ BUILTIN_TARGETS = frozenset(
 )
 TABLE_ORDER = ("raw", "mangle", "nat", "filter")
 # owned chains that exist on purpose with no rules: legacy mangle ztunnel-POSTROUTING (W22), and
-# in-pod nat ISTIO_PRERT in ingress mode (declared by the jump alone). Any other jump to an
-# empty chain is a template mistake.
-EMPTY_CHAINS_ALLOWED = frozenset({("mangle", CHAIN_PREFIX + "POSTROUTING"), ("nat", "ISTIO_PRERT")})
+# in-pod nat ISTIO_PRERT in ingress mode (declared by the jump alone), and in-pod mangle
+# ISTIO_PRERT in ingress mode of 1.24-1.28 (its only rule was dropped there). Any other jump to
+# an empty chain is a template mistake.
+EMPTY_CHAINS_ALLOWED = frozenset({("mangle", CHAIN_PREFIX + "POSTROUTING"), ("nat", "ISTIO_PRERT"),
+                                  ("mangle", "ISTIO_PRERT")})
+
+# ---------------------------------------------------------------- native nftables rendering of the legacy design (docs/nft.md)
+# One table per netns holds everything (set, base chains, regular chains); the table is the unit
+# of ownership, replaced whole in one transaction.
+NFT_FAMILY = "ip"
+NFT_TABLE_NODE = "ztunnel-node"
+NFT_TABLE_ZTUNNEL = "ztunnel-tproxy"   # the ztunnel pod's netns: its TPROXY rules (Z1-Z4)
+NFT_TABLES = {"node": NFT_TABLE_NODE, "ztunnel": NFT_TABLE_ZTUNNEL}   # legacy role -> table
+# iptables (table, built-in chain) -> nft base chain (type, hook, priority): the priorities of
+# the iptables tables they replace (NF_IP_PRI_MANGLE -150, NF_IP_PRI_NAT_DST -100,
+# NF_IP_PRI_FILTER 0, NF_IP_PRI_NAT_SRC 100). mangle OUTPUT re-routes on a mark change, which
+# in nft only a "route" chain does.
+NFT_BASE_CHAINS = {
+    ("mangle", "PREROUTING"): ("filter", "prerouting", -150),
+    ("mangle", "INPUT"): ("filter", "input", -150),
+    ("mangle", "FORWARD"): ("filter", "forward", -150),
+    ("mangle", "OUTPUT"): ("route", "output", -150),
+    ("mangle", "POSTROUTING"): ("filter", "postrouting", -150),
+    ("nat", "PREROUTING"): ("nat", "prerouting", -100),
+    ("nat", "OUTPUT"): ("nat", "output", -100),
+    ("nat", "INPUT"): ("nat", "input", 100),
+    ("nat", "POSTROUTING"): ("nat", "postrouting", 100),
+    ("filter", "INPUT"): ("filter", "input", 0),
+    ("filter", "FORWARD"): ("filter", "forward", 0),
+    ("filter", "OUTPUT"): ("filter", "output", 0),
+}
 
 # ---------------------------------------------------------------- ownership
 LEGACY_NODE_RULE_PRIOS = (PRIO_SKIP, PRIO_OUTBOUND, PRIO_PROXYRET, PRIO_INBOUND)
@@ -107,6 +135,11 @@ OWNED_IPSETS = frozenset({IPSET, INPOD_IPSET_V4, INPOD_IPSET_V6, INPOD_IPSET_OLD
 def is_owned_chain(name: str) -> bool:
     """A chain is ours if it carries one of the original designs' prefixes."""
     return name.startswith(CHAIN_PREFIX) or name.startswith(INPOD_CHAIN_PREFIX)
+
+
+def is_owned_nft_table(family: str, name: str) -> bool:
+    """Exactly the tables the nft backend creates; any other ``ztunnel-*`` table is not ours."""
+    return family == NFT_FAMILY and name in NFT_TABLES.values()
 
 
 def is_owned_link(name: str) -> bool:

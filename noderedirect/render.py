@@ -117,6 +117,9 @@ def _mark(line: Line, tok: str) -> tuple[int, Optional[int]]:
 
 def parse_ip_rule(line: Line, family: int) -> IpRule:
     toks = line.text.split()
+    # a leading -4/-6 is ip's own family switch (`ip -6 rule add …`)
+    if toks and toks[0] in ("-4", "-6"):
+        family = int(toks.pop(0)[1])
     kw: dict[str, Any] = {"family": family}
     i = 0
     while i < len(toks):
@@ -372,14 +375,22 @@ def show_netns(ns: NetnsState, kinds: Optional[Iterable[str]] = None, iptables_f
                 section(f"{cmd} ({cmd}-restore input)", restore_text(rules).splitlines())
             else:
                 section(f"{cmd} ({cmd}-save)", save_text(rules).splitlines())
+    # IPv6 rules and routes print exactly like their v4 twins, so they get their own sections
     if "ip_rules" in kinds:
-        section("ip rules (ip rule show)", [r.show() for r in sorted(ns.ip_rules)])
+        section("ip rules (ip rule show)", [r.show() for r in sorted(ns.ip_rules) if r.family == 4])
+        v6_rules = [r.show() for r in sorted(ns.ip_rules) if r.family == 6]
+        if v6_rules:
+            section("ip rules (ip -6 rule show)", v6_rules)
     if "routes" in kinds:
-        lines: list[str] = []
-        for table in sorted({r.table for r in ns.routes}):
-            lines.append(f"table {table}:")
-            lines += [f"  {r.show()}" for r in sort_routes(r for r in ns.routes if r.table == table)]
-        section("routes (ip route show table N)", lines)
+        for fam, cmd in ((4, "ip route"), (6, "ip -6 route")):
+            froutes = [r for r in ns.routes if r.family == fam]
+            if fam == 6 and not froutes:
+                continue
+            lines: list[str] = []
+            for table in sorted({r.table for r in froutes}):
+                lines.append(f"table {table}:")
+                lines += [f"  {r.show()}" for r in sort_routes(r for r in froutes if r.table == table)]
+            section(f"routes ({cmd} show table N)", lines)
     if "links" in kinds:
         section("links", [link.show() for link in ns.links])
     if "sysctls" in kinds:

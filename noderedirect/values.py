@@ -34,10 +34,6 @@ class ValuesError(ValueError):
         super().__init__(f"{key}: {value!r} {reason}")
 
 
-def _show(value: Any) -> Any:
-    return value
-
-
 def ipv4(key: str, value: Any) -> str:
     if not isinstance(value, str):
         raise ValuesError(key, value, "is not an IPv4 address (expected a string such as 10.244.1.5)")
@@ -150,12 +146,11 @@ def parse(data: Any, source: str = "<values>", *, istio_version: Optional[str] =
           inpod_version: Optional[str] = None) -> Values:
     """Validate a loaded YAML document; ``istio_version`` overrides ``istioVersion``."""
     top = _Section("", data, {"node", "ztunnel", "geneve", "dnsCapture", "istioVersion",
-                              "ipset", "sysctls", "inpod", "pods"})
+                              "ipset", "inpod", "pods"})
     node = _Section("node", top.need("node"), {"name", "internalIP", "podCIDR", "hostIP"})
     zt = _Section("ztunnel", top.need("ztunnel"), {"ip", "veth", "interface", "tunnelHostIP"})
     gen = _Section("geneve", top.get("geneve"), {"dstPort"})
     ips = _Section("ipset", top.get("ipset"), {"comments"})
-    sysc = _Section("sysctls", top.get("sysctls"), {"allInterfaces"})
     inp = _Section("inpod", top.get("inpod"), {"istioVersion", "ipv6", "probeSNATv4", "probeSNATv6"})
 
     node_name = dns_name("node.name", node.need("name"))
@@ -181,7 +176,6 @@ def parse(data: Any, source: str = "<values>", *, istio_version: Optional[str] =
     if istio_version is not None and ver < "1.19" and gport != names.GENEVE_DEFAULT_PORT:
         raise ValuesError("geneve.dstPort", gport, "cannot be changed before Istio 1.19 (1.18 always used 6081)")
     comments = boolean("ipset.comments", ips.get("comments", True))
-    all_ifaces = boolean("sysctls.allInterfaces", sysc.get("allInterfaces", False))
     iver = version("inpod.istioVersion", inpod_version if inpod_version is not None
                    else inp.get("istioVersion", "1.29"), INPOD_VERSIONS)
     ipv6_on = boolean("inpod.ipv6", inp.get("ipv6", False))
@@ -201,7 +195,8 @@ def parse(data: Any, source: str = "<values>", *, istio_version: Optional[str] =
         host_ip_source=host_src, ztunnel_ip=zt_ip, ztunnel_veth=zt_veth, ztunnel_if=zt_if,
         tun_host_ip=tun_host, geneve_port=gport, dns_capture=dns, istio_version=ver,
         ipset_comments=comments, inpod_version=iver, inpod_ipv6=ipv6_on, probe_snat_v4=probe4,
-        probe_snat_v6=probe6, all_interfaces_rp_filter=all_ifaces,
+        probe_snat_v6=probe6, tun_host_ip_explicit=zt.get("tunnelHostIP") is not None,
+        geneve_port_explicit=gen.get("dstPort") is not None,
     )
     return Values(node=params, pods=pods, source=source)
 
