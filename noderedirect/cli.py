@@ -21,7 +21,8 @@ from .render import RenderError
 from .values import ValuesError
 
 # command modules, in the order `--help` lists them
-COMMANDS = ("noderedirect.commands.render_cmd",)
+COMMANDS = ("noderedirect.commands.render_cmd", "noderedirect.commands.diff_cmd",
+            "noderedirect.commands.engine_cmd")
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -61,6 +62,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as e:
         print(f"noderedirect: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         return EXIT_USAGE if args.command in ("render", "diff", "validate") else EXIT_FAIL
+    except Exception as e:  # noqa: BLE001 - only host-layer errors are turned into one line
+        host = sys.modules.get("noderedirect.host")
+        if host is not None and isinstance(e, host.HostError):
+            print(f"noderedirect: {e}", file=sys.stderr)
+            return EXIT_FAIL
+        raise
     except KeyboardInterrupt:
         print("noderedirect: interrupted", file=sys.stderr)
         return 130

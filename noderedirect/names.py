@@ -42,6 +42,9 @@ TUN_IN_ZTUNNEL = TUN_IN_NET.network_address + 2   # 192.168.126.2 on pistioin
 TUN_OUT_NODE = TUN_OUT_NET.network_address + 1    # 192.168.127.1 on istioout
 TUN_OUT_ZTUNNEL = TUN_OUT_NET.network_address + 2  # 192.168.127.2 on pistioout
 GENEVE_DEFAULT_PORT = 6081
+# The VXLAN tunnel stand-in's outer-source check (kernel-notes.md §9): a chain of ours hooked
+# into filter INPUT, because VXLAN, unlike GENEVE, accepts packets from any outer source.
+CHAIN_TUNNEL = CHAIN_PREFIX + "TUNNEL"
 
 # ---------------------------------------------------------------- legacy: ztunnel netns (legacy-mode.md §2, §3.2)
 PLINK_IN = "pistioin"
