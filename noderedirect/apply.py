@@ -1,0 +1,443 @@
+"""The engine: observe -> plan -> apply -> verify, for the legacy design in two network namespaces.
+
+It is the only writer. Order, and why:
+
+1. Everything is observed and planned first; a conflict (tables/priorities used by someone
+   else) refuses the whole apply before anything changes.
+2. The ztunnel netns is programmed before the node netns, so capture only starts once the
+   receiving side (tunnel ends, TPROXY rules, local table) is ready.
+3. Within a netns: links -> sysctls (some name the links) -> ipset (before any rule that
+   references it) -> iptables, one ``iptables-restore --noflush`` per table -> routes -> ip rules
+   (tables are filled before traffic is steered into them) -> then deletions in reverse:
+   stale ip rules, stale routes, stale ipsets (after the rules that used them), stale links.
+4. Verify: observe and plan again; anything left is a ``ConvergenceError`` ("did not converge").
+
+Sysctl values found before the first change are recorded in the state directory so cleanup can
+put them back (the original never restored them, W12).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import ipaddress
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+from . import desired as desired_mod
+from . import names, observe as observe_mod, tunnels
+from .host import Host, HostError, MissingFeature, NetnsRef
+from .model import IpRule, NetnsState, Pod, Rendered, Route, Sysctl, Values
+from .plan import Change, NetnsPlan, Observation, ObservedRule, Plan, ownership, plan_netns, removal
+
+log = logging.getLogger(__name__)
+
+BACKENDS = {"iptables": "nft", "iptables-nft": "nft", "iptables-legacy": "legacy", "nft": "native"}
+
+
+class ConvergenceError(HostError):
+    """Apply finished but the kernel still differs from the desired state."""
+
+
+class ConflictError(HostError):
+    """Something that is not ours occupies a table, priority or name this design needs."""
+
+
+def state_dir() -> Path:
+    d = Path(os.environ.get("NODEREDIRECT_STATE_DIR", "/run/noderedirect"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def netns_id(ns: NetnsRef) -> str:
+    st = os.stat(ns.path)
+    return f"{st.st_dev}-{st.st_ino}"
+
+
+@dataclass
+class Result:
+    plan: Plan
+    applied: list[Change] = field(default_factory=list)
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.applied)
+
+
+class Engine:
+    """One node: its netns and its ztunnel's netns, with one backend and one tunnel driver."""
+
+    def __init__(self, values: Values, node_ns: NetnsRef, zt_ns: NetnsRef, *,
+                 backend: str = "iptables", tunnel: str = "auto", rules: Optional[Path] = None):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}")
+        self.values = values
+        self.node_ns, self.zt_ns = node_ns, zt_ns
+        self.backend = backend
+        self.variant = BACKENDS[backend]
+        self.rules = rules
+        self.hosts = {"node": Host(node_ns), "ztunnel": Host(zt_ns)}
+        self.tunnel_kind = tunnel
+        self._driver: Optional[tunnels.TunnelDriver] = None
+        self.notes: list[str] = []
+
+    def close(self) -> None:
+        for h in self.hosts.values():
+            h.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ what we want
+
+    @property
+    def driver(self) -> tunnels.TunnelDriver:
+        if self._driver is None:
+            self._driver = tunnels.select(self.tunnel_kind, self.node_ns.path)
+        return self._driver
+
+    def check_features(self) -> None:
+        """Missing binaries or kernel features: one line, before anything changes."""
+        self.driver.check(self.node_ns.path, self.zt_ns.path)
+        feats = self.hosts["node"].features()
+        if self.variant == "nft" and not feats.iptables_nft:
+            raise MissingFeature("iptables-nft is not available; install iptables or use --backend iptables-legacy")
+        if self.variant == "legacy" and not feats.iptables_legacy:
+            raise MissingFeature("iptables-legacy is not available; use --backend iptables (nft)")
+        if self.variant == "native":
+            raise MissingFeature("applying with --backend nft is not implemented yet; "
+                                 "use --backend iptables or iptables-legacy (render --backend nft works)")
+        if not feats.ipset:
+            raise MissingFeature("the ipset tool or the kernel's hash:ip sets are missing; install ipset")
+
+    def node_params(self) -> Values:
+        """Fill in what the values left to the kernel: HostIP, the tunnel remote, the GENEVE port."""
+        n = self.values.node
+        node = self.hosts["node"]
+        changes: dict = {}
+        if n.host_ip_source != "values":
+            host_ip, how = derive_host_ip(node.links(), n.pod_cidr, n.internal_ip)
+            changes.update(host_ip=host_ip, host_ip_source=how)
+        host_ip = changes.get("host_ip", n.host_ip)
+        if not n.tun_host_ip_explicit:
+            src = route_source(node, n.ztunnel_ip)
+            tun = src or host_ip
+            if src and src != host_ip:
+                self.notes.append(f"the node reaches ztunnel from {src}, not HostIP {host_ip}: "
+                                  f"using {src} as the tunnel remote (W13)")
+            changes["tun_host_ip"] = tun
+        if not n.geneve_port_explicit and n.istio_version >= "1.19":
+            port = tunnels.geneve_port(node.links(), n.ztunnel_ip)
+            if port != n.geneve_port:
+                self.notes.append(f"GENEVE port {names.GENEVE_DEFAULT_PORT} is taken on this node: using {port}")
+            changes["geneve_port"] = port
+        if not changes:
+            return self.values
+        return dataclasses.replace(self.values, node=dataclasses.replace(n, **changes))
+
+    def desired(self) -> Rendered:
+        values = self.node_params()
+        rendered = desired_mod.render(values, "legacy", rules=self.rules)
+        out = []
+        for ns in rendered.netns:
+            links = tuple(self.driver.desired(l) for l in ns.links)
+            extra = tuple(self.driver.extra_rules(ns.role, ns.links))
+            out.append(dataclasses.replace(ns, links=links, iptables=ns.iptables + extra))
+        return dataclasses.replace(rendered, netns=tuple(out))
+
+    # ------------------------------------------------------------ what is there
+
+    def observe(self, want: NetnsState) -> Observation:
+        host = self.hosts[want.role]
+        own = ownership(want.role)
+        keys = [s.key for s in want.sysctls]
+        seen = observe_mod.observe(host, want.role, variant=self.variant, tables=own.tables,
+                                   sysctl_keys=keys)
+        link_names = sorted({l.name for l in want.links} | {l.name for l in seen.links
+                                                             if names.is_owned_link(l.name)})
+        return Observation(
+            role=want.role, ipsets=seen.ipsets, ipset_entries=seen.ipset_entries,
+            iptables=seen.iptables, chains=frozenset(seen.chains),
+            ip_rules=tuple(ObservedRule(o.rule, o.plain, o.text) for o in seen.ip_rules),
+            routes=tuple(r for r in seen.routes if r.table in own.tables),
+            links=tuple(self.driver.observe(host.ns.path, link_names)),
+            sysctls=tuple(s for s in seen.sysctls if s.value is not None))
+
+    def plan(self, rendered: Optional[Rendered] = None) -> Plan:
+        rendered = rendered or self.desired()
+        return Plan(tuple(plan_netns(ns, self.observe(ns), ownership(ns.role)) for ns in rendered.netns))
+
+    # ------------------------------------------------------------ changing things
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """One writer per node at a time (CLI, controller and lab may race)."""
+        path = state_dir() / f"lock-{netns_id(self.node_ns)}"
+        with open(path, "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def apply(self, *, dry_run: bool = False) -> Result:
+        t0 = time.perf_counter()
+        self.check_features()
+        with self.locked():
+            rendered = self.desired()
+            p = self.plan(rendered)
+            if p.conflicts:
+                raise ConflictError("refusing to change anything: " + "; ".join(p.conflicts))
+            result = Result(plan=p, notes=list(self.notes))
+            if dry_run or p.empty:
+                result.seconds = time.perf_counter() - t0
+                return result
+            for role in ("ztunnel", "node"):
+                ns_plan = p.get(role)
+                want = rendered.get(role)
+                result.applied += self._apply_netns(want, ns_plan)
+            after = self.plan(rendered)
+            if not after.empty:
+                raise ConvergenceError("did not converge; still to change:\n" + after.text())
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def _apply_netns(self, want: NetnsState, p: NetnsPlan) -> list[Change]:
+        host = self.hosts[want.role]
+        done: list[Change] = []
+        if p.of("link"):
+            changes = self.driver.ensure(host.ns.path, list(want.links))
+            log.info("links role=%s changes=%s", want.role, changes)
+            done += [c for c in p.of("link") if c.action != "delete"]
+        sysctl_changes = p.of("sysctl")
+        if p.restore:
+            self._record_tables(host)
+        if sysctl_changes:
+            self._record_sysctls(host, [c.obj.key for c in sysctl_changes])
+            host.sysctl_set({c.obj.key: c.obj.value for c in sysctl_changes})
+            done += sysctl_changes
+        if p.ipset_script:
+            host.run(["ipset", "-exist", "restore"], input=p.ipset_script)
+            done += [c for c in p.of("ipset") if c.action != "destroy"]
+        for table, text in p.restore:
+            host.iptables_restore(text, self.variant, noflush=True)
+        done += p.of("iptables")
+        routes = p.of("route")
+        add = [c.obj for c in routes if c.action in ("add", "replace")]
+        stale = [c.old for c in routes if c.action == "delete"]
+        if add:
+            host.routes_batch(add=add)
+        for c in p.of("ip_rule"):
+            if c.action == "add":
+                host.rule_add(c.obj)
+        # deletions, in reverse dependency order
+        for c in p.of("ip_rule"):
+            if c.action == "delete":
+                host.rule_del(c.old)
+        if stale:
+            host.routes_batch(delete=stale)
+        done += routes + p.of("ip_rule")
+        for c in p.of("ipset"):
+            if c.action == "destroy":
+                host.run(["ipset", "destroy", c.old.name])
+                done.append(c)
+        stale_links = [c.old.name for c in p.of("link") if c.action == "delete"]
+        if stale_links:
+            self.driver.remove(host.ns.path, stale_links)
+            done += [c for c in p.of("link") if c.action == "delete"]
+        return done
+
+    # ------------------------------------------------------------ memory of "before"
+
+    def _state_file(self, host: Host) -> Path:
+        return state_dir() / f"netns-{netns_id(host.ns)}.json"
+
+    def _load_state(self, host: Host) -> dict:
+        f = self._state_file(host)
+        return json.loads(f.read_text()) if f.exists() else {}
+
+    def _save_state(self, host: Host, state: dict) -> None:
+        f = self._state_file(host)
+        tmp = f.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+        os.replace(tmp, f)
+
+    def _record_sysctls(self, host: Host, keys: Sequence[str]) -> None:
+        """Remember each key's value from before our first change (never overwrite it)."""
+        state = self._load_state(host)
+        saved = state.setdefault("sysctls", {})
+        new = [k for k in keys if k not in saved]
+        if new:
+            saved.update({k: v for k, v in host.sysctl_get(new).items() if v is not None})
+            self._save_state(host, state)
+
+    def _record_tables(self, host: Host) -> None:
+        """Remember which iptables tables existed before we first wrote one, so cleanup can drop
+        the (then empty) tables that only exist because of us."""
+        state = self._load_state(host)
+        key = f"iptables_tables_{self.variant}"
+        if key not in state:
+            state[key] = sorted(_tables_in_save(host.iptables_save(self.variant)))
+            self._save_state(host, state)
+
+    def saved_sysctls(self, role: str) -> dict[str, str]:
+        return self._load_state(self.hosts[role]).get("sysctls", {})
+
+    # ------------------------------------------------------------ cleanup
+
+    def cleanup(self, *, dry_run: bool = False) -> Result:
+        """Remove exactly what is ours in both netns and restore the recorded sysctls."""
+        t0 = time.perf_counter()
+        with self.locked():
+            plans = []
+            for role in ("node", "ztunnel"):
+                empty = NetnsState(role=role)
+                obs = self.observe(empty)
+                saved = self.saved_sysctls(role)
+                restore = [Sysctl(k, v) for k, v in sorted(saved.items())]
+                plans.append(removal(obs, ownership(role), sysctl_restore=restore))
+            p = Plan(tuple(plans))
+            result = Result(plan=p)
+            if dry_run:
+                return result
+            for ns_plan in p.netns:
+                result.applied += self._cleanup_netns(ns_plan)
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def _cleanup_netns(self, p: NetnsPlan) -> list[Change]:
+        host = self.hosts[p.role]
+        done: list[Change] = []
+        for c in p.of("ip_rule"):
+            host.rule_del(c.old)
+        stale = [c.old for c in p.of("route")]
+        if stale:
+            host.routes_batch(delete=stale)
+        for table, text in p.restore:
+            host.iptables_restore(text, self.variant, noflush=True)
+        for c in p.of("ipset"):
+            if c.action == "destroy":
+                host.run(["ipset", "destroy", c.old.name])
+        links = [c.old.name for c in p.of("link")]
+        if links:
+            self.driver.remove(host.ns.path, links)
+        done += [c for c in p.changes if c.kind != "sysctl"]
+        restore = {c.obj.key: c.obj.value for c in p.of("sysctl")}
+        if restore:
+            present = {k: v for k, v in host.sysctl_get(list(restore)).items() if v is not None}
+            host.sysctl_set({k: restore[k] for k in present})
+            done += [c for c in p.of("sysctl") if c.obj.key in present]
+        self._drop_tables_we_created(host)
+        self._state_file(host).unlink(missing_ok=True)
+        return done
+
+    def _drop_tables_we_created(self, host: Host) -> None:
+        """iptables-nft creates a table on first use and never removes it. A table that did not
+        exist before our first apply and now holds nothing (built-in chains, policy ACCEPT, no
+        rules) is ours to remove. Without that record we leave every table alone."""
+        before = self._load_state(host).get(f"iptables_tables_{self.variant}")
+        if before is None or self.variant != "nft":
+            return
+        text = host.iptables_save(self.variant)
+        for table, lines in _save_blocks(text).items():
+            if table in before:
+                continue
+            if all(re.fullmatch(r":[A-Z]+ ACCEPT \[\d+:\d+\]", l) for l in lines):
+                host.nft(f"delete table ip {table}")
+                log.info("removed empty iptables-nft table=%s netns=%s", table, host.ns.spec)
+
+    # ------------------------------------------------------------ one pod
+
+    def pod_add(self, pod: Pod) -> list[str]:
+        """Enroll one pod: its ipset entry and its table-100 route, nothing else."""
+        n = self.node_params().node
+        host = self.hosts["node"]
+        entry = (f'add {names.IPSET} {pod.ip} comment "{pod.uid}"' if n.ipset_comments
+                 else f"add {names.IPSET} {pod.ip}")
+        route = Route(table=names.TABLE_INBOUND, dst=f"{pod.ip}/32", via=str(names.TUN_IN_ZTUNNEL),
+                      dev=names.LINK_IN, src=n.host_ip)
+        with self.locked():
+            sets = host.ipsets()
+            if names.IPSET not in sets:
+                raise HostError(f"{names.IPSET} does not exist in {self.node_ns.spec}: run apply first")
+            host.run(["ipset", "-exist", "restore"], input=entry + "\n")
+            host.route_replace(route)
+        return [entry, f"route replace {route.show_with_table()}"]
+
+    def pod_remove(self, ip: str, uid: Optional[str] = None) -> list[str]:
+        """Unenroll one pod. With a UID, the entry is removed only if its comment is that UID, so a
+        late delete for an old pod never removes a new pod that reused the IP (W14)."""
+        host = self.hosts["node"]
+        done: list[str] = []
+        with self.locked():
+            sets = host.ipsets()
+            _, entries = sets.get(names.IPSET, (None, []))
+            entry = next((e for e in entries if e.ip == ip), None)
+            if entry is None:
+                return done
+            if uid is not None and entry.comment is not None and entry.comment != uid:
+                raise HostError(f"{ip} belongs to pod UID {entry.comment}, not {uid}: left in place")
+            host.run(["ipset", "-exist", "del", names.IPSET, ip])
+            done.append(f"del {names.IPSET} {ip}")
+            for r in host.routes(names.TABLE_INBOUND):
+                if r.dst == f"{ip}/32":
+                    host.route_del(r)
+                    done.append(f"route del {r.show_with_table()}")
+        return done
+
+
+# ---------------------------------------------------------------- derivations
+
+
+def _save_blocks(text: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    table = None
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        if line.startswith("*"):
+            table = line[1:]
+            out[table] = []
+        elif line != "COMMIT" and table is not None:
+            out[table].append(line)
+    return out
+
+
+def _tables_in_save(text: str) -> set[str]:
+    return set(_save_blocks(text))
+
+
+def derive_host_ip(links, pod_cidr: str, internal_ip: str) -> tuple[str, str]:
+    """legacy-mode.md §4.12: the first local address inside the node's podCIDR, else InternalIP."""
+    net = ipaddress.ip_network(pod_cidr)
+    found = []
+    for l in links:
+        for a in l.addresses:
+            ip = ipaddress.ip_interface(a).ip
+            if ip.version == 4 and ip in net:
+                found.append(ip)
+    if found:
+        return str(min(found)), f"derived: first address of podCIDR on the node ({min(found)})"
+    return internal_ip, "derived: node InternalIP (no address of podCIDR on the node)"
+
+
+def route_source(host: Host, dst: str) -> Optional[str]:
+    """The source address the kernel picks to reach ``dst`` (the original's UDP-connect trick)."""
+    try:
+        out = host.run(["ip", "-j", "route", "get", dst], check=True).stdout
+        data = json.loads(out or "[]")
+        return data[0].get("prefsrc") if data else None
+    except (HostError, ValueError, IndexError):
+        return None

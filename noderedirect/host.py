@@ -1,0 +1,1195 @@
+"""The side-effect layer: every read and write of one network namespace's kernel state.
+
+This module (with ``noderedirect/tunnels/``) is the only place that imports pyroute2 or runs a
+subprocess. One :class:`Host` per network namespace; the netns is always a parameter, never
+the implicit "current" one.
+
+How the netns is entered, and why:
+
+- Commands (``iptables-restore``, ``ipset``, ``ip -batch``) run under ``nsenter --net=PATH``.
+- Everything bound to a netns when it is *created* (netlink sockets, the libnftables context,
+  the ``/proc/sys/net`` view) is created and used on one worker thread per Host that has
+  ``setns()``-ed into the namespace. Network namespaces are per thread, so the rest of the
+  process stays where it is, and nothing forks (pyroute2's own ``netns=`` support forks a child
+  per socket, which can deadlock a threaded process). The thread also serialises all netlink
+  and nft calls of a Host. It checks, before doing anything, that it really is inside the
+  target namespace.
+
+Values are printed and parsed so that an observed object compares equal to the rendered one
+from :mod:`noderedirect.model` (``Route``, ``IpRule``, ``IptRule``, ``IpsetSet`` …).
+Kernel-only details (route protocol, metrics, ipset bucketsize/initval) are dropped.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import errno
+import fcntl
+import ipaddress
+import json
+import logging
+import os
+import re
+import secrets
+import shlex
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, TypeVar
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from . import names
+from .model import IpRule, IpsetEntry, IpsetSet, IptRule, Route
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+NETNS_DIR = "/var/run/netns"
+CLONE_NEWNET = 0x40000000
+NS_GET_NSTYPE = 0xB703          # ioctl on an nsfs file: which kind of namespace it is
+IFF_UP = 0x1
+IFF_LOOPBACK = 0x8
+RTNH_F_ONLINK = 0x4
+FIB_RULE_INVERT = 0x2
+RT_TABLE_COMPAT = 252           # rtm_table when the real id (> 255) is only in RTA_TABLE
+IPTABLES_WAIT = "10"            # seconds to wait for the xtables lock (shared by all netns)
+
+ROUTE_TYPES = {1: "unicast", 2: "local", 3: "broadcast", 4: "anycast", 5: "multicast",
+               6: "blackhole", 7: "unreachable", 8: "prohibit", 9: "throw", 10: "nat"}
+ROUTE_SCOPES = {0: None, 200: "site", 253: "link", 254: "host", 255: "nowhere"}
+ROUTE_PROTOS = {0: "unspec", 1: "redirect", 2: "kernel", 3: "boot", 4: "static"}
+TUN_MODES = {1: "tun", 2: "tap"}      # IFLA_TUN_TYPE
+RULE_ACTIONS = {1: "lookup", 2: "goto", 3: "nop", 6: "blackhole", 7: "unreachable", 8: "prohibit"}
+RULE_ACTION_IDS = {v: k for k, v in RULE_ACTIONS.items()}
+# attributes of an ip rule that are not selectors; any other one makes the rule "not plain"
+_RULE_PLAIN_ATTRS = frozenset({"FRA_UNSPEC", "FRA_PRIORITY", "FRA_TABLE", "FRA_FWMARK",
+                               "FRA_FWMASK", "FRA_GOTO", "FRA_PROTOCOL"})
+
+IPTABLES_VARIANTS = ("nft", "legacy")
+IPTABLES_TABLES = ("raw", "mangle", "nat", "filter", "security")
+
+_NETNS_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@:+-]{0,254}$")
+_IFNAME = re.compile(r"^[^\s/:]{1,15}$")
+_SYSCTL_KEY = re.compile(r"^net/[A-Za-z0-9_.@:+/-]+$")
+
+
+# ---------------------------------------------------------------- errors
+
+
+class HostError(Exception):
+    """Anything that went wrong while reading or changing a network namespace."""
+
+
+class InvalidValue(HostError, ValueError):
+    """A value that must not reach the kernel (bad address, interface name, key …)."""
+
+
+class CommandError(HostError):
+    """A command run inside a netns failed: the command, exit code and stderr are kept."""
+
+    def __init__(self, cmd: Sequence[str], returncode: int, stderr: str, netns: str,
+                 stdout: str = ""):
+        self.cmd = list(cmd)
+        self.returncode = returncode
+        self.stderr = stderr or ""
+        self.stdout = stdout or ""
+        self.netns = netns
+        super().__init__(self.headline())
+
+    def first_error_line(self) -> str:
+        for line in self.stderr.splitlines():
+            if line.strip():
+                return line.strip()
+        return "(no error output)"
+
+    def headline(self) -> str:
+        return (f"`{shlex.join(self.cmd)}` in netns {self.netns} exited {self.returncode}: "
+                f"{self.first_error_line()}")
+
+    def __str__(self) -> str:
+        return self.headline()
+
+
+class RestoreError(CommandError):
+    """A batch input (iptables-restore, ipset restore, ip -batch) failed at a known line.
+
+    ``table`` is the iptables table the line belongs to (None for ipset / ip batches),
+    ``lineno`` is 1-based in the text that was fed, ``context`` holds ``'NN: text'`` lines
+    around it (the failing one marked with ``>``).
+    """
+
+    def __init__(self, cmd: Sequence[str], returncode: int, stderr: str, netns: str,
+                 text: str, lineno: Optional[int], table: Optional[str] = None):
+        self.text = text
+        self.lineno = lineno
+        self.table = table
+        self.context = context_lines(text, lineno) if lineno else []
+        super().__init__(cmd, returncode, stderr, netns)
+
+    def __str__(self) -> str:
+        where = f"line {self.lineno}" if self.lineno else "an unknown line"
+        if self.table:
+            where = f"table {self.table}, {where}"
+        body = "".join(f"\n    {c}" for c in self.context)
+        return f"{self.headline()}\n  failed at {where} of the input:{body}"
+
+
+class MissingFeature(HostError):
+    """A kernel or userspace feature is not available; the message says what to use instead."""
+
+    def __init__(self, feature: str, netns: str, detail: str = ""):
+        self.feature, self.netns, self.detail = feature, netns, detail
+        what, instead = FEATURE_HELP.get(feature, (feature, "no alternative known"))
+        why = f" ({detail})" if detail else ""
+        super().__init__(f"{what} not available in netns {netns}{why}; {instead}")
+
+
+class NetnsNotFound(HostError):
+    """The named network namespace does not exist (it is never created on demand)."""
+
+
+class NetlinkFailed(HostError):
+    """A netlink request was refused by the kernel."""
+
+    def __init__(self, what: str, code: int, message: str, netns: str):
+        self.what, self.code, self.netns = what, code, netns
+        name = errno.errorcode.get(code, str(code))
+        super().__init__(f"{what} in netns {netns} failed: {message} ({name})")
+
+
+class NftError(HostError):
+    """libnftables refused a script; ``error`` is its full text (with the caret lines)."""
+
+    def __init__(self, script: str, rc: int, error: str, netns: str):
+        self.script, self.rc, self.error, self.netns = script, rc, error or "", netns
+        first = next((l.strip() for l in self.error.splitlines() if l.strip()), "(no error text)")
+        super().__init__(f"nft in netns {netns} failed (rc {rc}): {first}")
+
+    def __str__(self) -> str:
+        # the first error line is in the headline; the rest shows the script and the caret
+        rest = self.error.strip().splitlines()[1:]
+        return "\n".join([self.args[0], *rest])
+
+
+FEATURE_HELP: dict[str, tuple[str, str]] = {
+    "geneve": ("kernel GENEVE links are",
+               "use --tunnel usergeneve (GENEVE over TAP in user space) or --tunnel vxlan"),
+    "vxlan": ("kernel VXLAN links are", "use --tunnel usergeneve or --tunnel geneve"),
+    "tuntap": ("TUN/TAP devices are", "use --tunnel geneve or --tunnel vxlan"),
+    "ipset": ("ipset (the kernel ip_set module or the ipset tool) is",
+              "install ipset, or use the native nft rules, which need no ipset"),
+    "iptables_nft": ("iptables-nft is", "use the iptables-legacy variant or the native nft rules"),
+    "iptables_legacy": ("iptables-legacy is", "use the iptables-nft variant or the native nft rules"),
+    "nft_bindings": ("the nftables Python bindings (libnftables1) are",
+                     "install Debian's libnftables1, or use iptables rules"),
+    "tproxy": ("TPROXY is", "nothing can replace it on the ztunnel side; use a kernel with "
+               "NFT_TPROXY/NETFILTER_XT_TARGET_TPROXY"),
+    "nsenter": ("nsenter (util-linux) is", "install util-linux"),
+}
+
+
+def context_lines(text: str, lineno: int, around: int = 2) -> list[str]:
+    """``'NN: text'`` lines around ``lineno`` (1-based); the failing line is marked ``>``."""
+    lines = text.splitlines()
+    lo, hi = max(1, lineno - around), min(len(lines), lineno + around)
+    width = len(str(hi))
+    return [f"{'>' if n == lineno else ' '}{n:>{width}}: {lines[n - 1]}" for n in range(lo, hi + 1)]
+
+
+# ---------------------------------------------------------------- value checks
+
+
+def check_ifname(name: str) -> str:
+    if not isinstance(name, str) or not _IFNAME.fullmatch(name) or name in (".", ".."):
+        raise InvalidValue(f"{name!r} is not an interface name (1-15 characters, no space, '/' or ':')")
+    return name
+
+
+def check_ip(addr: str, family: Optional[int] = None) -> str:
+    try:
+        ip = ipaddress.ip_address(addr)
+    except (ValueError, TypeError):
+        raise InvalidValue(f"{addr!r} is not an IP address") from None
+    if family and ip.version != family:
+        raise InvalidValue(f"{addr!r} is not an IPv{family} address")
+    return str(ip)
+
+
+def check_prefix(prefix: str) -> ipaddress._BaseNetwork:
+    try:
+        return ipaddress.ip_network(prefix, strict=True)
+    except (ValueError, TypeError):
+        raise InvalidValue(f"{prefix!r} is not a network prefix (a.b.c.d/nn, host bits zero)") from None
+
+
+def check_interface(cidr: str) -> ipaddress._BaseInterface:
+    try:
+        iface = ipaddress.ip_interface(cidr)
+    except (ValueError, TypeError):
+        raise InvalidValue(f"{cidr!r} is not an address/prefix") from None
+    if "/" not in str(cidr):
+        raise InvalidValue(f"{cidr!r} lacks a prefix length")
+    return iface
+
+
+def check_sysctl_key(key: str) -> str:
+    """Only per-netns keys under net/ are allowed: anything else would change the machine."""
+    if not isinstance(key, str) or not _SYSCTL_KEY.fullmatch(key) or ".." in key.split("/") \
+            or "//" in key or key.endswith("/"):
+        raise InvalidValue(f"{key!r} is not a sysctl key under net/ (write it with slashes: "
+                           "net/ipv4/conf/eth0/rp_filter)")
+    return key
+
+
+def _check_text_arg(arg: str) -> str:
+    if not isinstance(arg, str) or "\n" in arg or "\0" in arg:
+        raise InvalidValue(f"{arg!r} cannot be a command argument (newline or NUL)")
+    return arg
+
+
+# ---------------------------------------------------------------- netns references
+
+
+def _ns_identity(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+@dataclass(frozen=True)
+class NetnsRef:
+    """A network namespace by name (``/var/run/netns/NAME``) or by path (``/proc/PID/ns/net``)."""
+
+    spec: str
+    path: str
+
+    @classmethod
+    def resolve(cls, spec: "str | NetnsRef") -> "NetnsRef":
+        if isinstance(spec, NetnsRef):
+            return spec
+        if not isinstance(spec, str) or not spec:
+            raise NetnsNotFound(f"{spec!r} is not a netns name or path")
+        if "/" in spec:
+            path = spec
+            if not os.path.isabs(path):
+                raise NetnsNotFound(f"netns path {spec!r} is not absolute")
+        else:
+            if not _NETNS_NAME.fullmatch(spec) or spec in (".", ".."):
+                raise NetnsNotFound(f"{spec!r} is not a valid netns name")
+            path = os.path.join(NETNS_DIR, spec)
+        _check_is_netns(spec, path)
+        return cls(spec=spec, path=path)
+
+    @classmethod
+    def current(cls) -> "NetnsRef":
+        """The namespace this process runs in (read it; tests never write to it)."""
+        return cls.resolve("/proc/self/ns/net")
+
+    @property
+    def identity(self) -> tuple[int, int]:
+        return _ns_identity(self.path)
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+def _check_is_netns(spec: str, path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NetnsNotFound(f"no network namespace {spec!r} ({path} does not exist; "
+                            "create it first, e.g. `ip netns add NAME`)") from None
+    except OSError as e:
+        raise NetnsNotFound(f"cannot open network namespace {spec!r} at {path}: {e.strerror}") from None
+    try:
+        try:
+            kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
+        except OSError:
+            raise NetnsNotFound(f"{path} is not a namespace file (stale entry of a deleted netns?)") from None
+        if kind != CLONE_NEWNET:
+            raise NetnsNotFound(f"{path} is a namespace, but not a network namespace")
+    finally:
+        os.close(fd)
+
+
+_libc: Optional[ctypes.CDLL] = None
+
+
+def _setns(fd: int) -> None:
+    global _libc
+    if hasattr(os, "setns"):
+        os.setns(fd, CLONE_NEWNET)
+        return
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _enter_netns(ns: NetnsRef) -> None:
+    """Move the calling thread (only) into ``ns`` and prove it."""
+    fd = os.open(ns.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _setns(fd)
+    finally:
+        os.close(fd)
+    # invariant: from here on this thread sees only the target netns
+    if _ns_identity("/proc/thread-self/ns/net") != ns.identity:
+        raise HostError(f"setns into {ns.path} did not take effect; refusing to continue")
+
+
+# ---------------------------------------------------------------- observed value types
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    name: str
+    index: int
+    kind: Optional[str]                 # 'veth', 'vxlan', 'geneve', 'tun', 'loopback', … or None
+    up: bool
+    addresses: tuple[str, ...] = ()     # IPv4 'a.b.c.d/nn', kernel order
+    vni: Optional[int] = None
+    remote: Optional[str] = None
+    dstport: Optional[int] = None
+    external: bool = False              # collect_metadata (flow-based) tunnel
+    peer_ifindex: Optional[int] = None  # veth: the peer's ifindex (in the peer's netns)
+    mtu: Optional[int] = None
+    tun_mode: Optional[str] = None      # kind 'tun': 'tun' or 'tap'
+
+
+@dataclass(frozen=True)
+class ObservedIpRule:
+    """An ip rule as found. ``plain`` is False when it has selectors beyond fwmark/mask
+    (from/to/iif/oif/uidrange/tos/ports/not …), which :class:`IpRule` cannot express."""
+
+    rule: IpRule
+    plain: bool
+    text: str
+
+
+@dataclass(frozen=True)
+class ObservedRoute:
+    """A route as found. ``protocol`` is the kernel's (``kernel`` = made by the kernel itself,
+    e.g. the connected route of an address)."""
+
+    route: Route
+    protocol: str
+    metric: Optional[int] = None
+    multipath: bool = False
+
+    @property
+    def kernel(self) -> bool:
+        return self.protocol == "kernel"
+
+
+@dataclass(frozen=True)
+class SavedChain:
+    """A chain declared in iptables-save output (``:NAME POLICY [p:b]``)."""
+
+    table: str
+    chain: str
+    policy: Optional[str]               # None for user chains ('-')
+    family: int = 4
+
+    @property
+    def builtin(self) -> bool:
+        return self.policy is not None
+
+
+@dataclass(frozen=True)
+class Features:
+    """What this netns can do, probed from inside it. ``tproxy`` is None when unknown."""
+
+    netns: str
+    geneve: bool
+    vxlan: bool
+    tuntap: bool
+    ipset: bool
+    iptables_nft: bool
+    iptables_legacy: bool
+    nft_bindings: bool
+    tproxy: Optional[bool]
+    reasons: tuple[tuple[str, str], ...] = ()   # (feature, why it is missing)
+
+    def reason(self, feature: str) -> str:
+        return dict(self.reasons).get(feature, "")
+
+    def require(self, feature: str) -> None:
+        """Raise :class:`MissingFeature` (one line, with the alternative) unless present."""
+        if feature not in FEATURES:
+            raise ValueError(f"unknown feature {feature!r} (one of {', '.join(FEATURES)})")
+        if getattr(self, feature) is not True:
+            detail = self.reason(feature) or ("could not be probed" if getattr(self, feature) is None else "")
+            raise MissingFeature(feature, self.netns, detail)
+
+
+FEATURES = ("geneve", "vxlan", "tuntap", "ipset", "iptables_nft", "iptables_legacy",
+            "nft_bindings", "tproxy")
+
+
+# ---------------------------------------------------------------- pure parsers
+
+
+def parse_iptables_save(text: str, family: int = 4) -> list[IptRule]:
+    """Every ``-A CHAIN ARGS`` line as ``IptRule(table, chain, args, '-A')``, in order.
+
+    Counters (``-c``: ``[p:b] -A …``) are dropped; the arguments are kept verbatim.
+    """
+    rules: list[IptRule] = []
+    table: Optional[str] = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("[") and "]" in line:
+            line = line.split("]", 1)[1].strip()
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif line.startswith("-A ") and table:
+            _, chain, *rest = line.split(" ", 2)
+            rules.append(IptRule(table=table, chain=chain, args=rest[0] if rest else "",
+                                 op="-A", family=family))
+    return rules
+
+
+def parse_iptables_chains(text: str, family: int = 4) -> list[SavedChain]:
+    """Every chain declared in iptables-save output (built-in with policy, user with None)."""
+    chains: list[SavedChain] = []
+    table: Optional[str] = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif line.startswith(":") and table:
+            name, policy, *_ = line[1:].split() + ["-"]
+            chains.append(SavedChain(table=table, chain=name,
+                                     policy=None if policy == "-" else policy, family=family))
+    return chains
+
+
+def parse_ipset_save(text: str) -> dict[str, tuple[IpsetSet, list[IpsetEntry]]]:
+    """``ipset save`` output -> {name: (set, entries)}. Kernel-only options (bucketsize,
+    initval) and options the model does not carry (timeout, counters …) are dropped."""
+    sets: dict[str, tuple[IpsetSet, list[IpsetEntry]]] = {}
+    for raw in text.splitlines():
+        if not raw.strip():
+            continue
+        toks = shlex.split(raw)
+        if toks[0] == "create" and len(toks) >= 3:
+            opts: dict[str, Any] = {}
+            flags = set()
+            i = 3
+            while i < len(toks):
+                if toks[i] in ("family", "hashsize", "maxelem", "bucketsize", "initval", "timeout",
+                               "netmask", "markmask", "size", "range") and i + 1 < len(toks):
+                    opts[toks[i]] = toks[i + 1]
+                    i += 2
+                else:
+                    flags.add(toks[i])
+                    i += 1
+            kw: dict[str, Any] = {"name": toks[1], "type": toks[2], "comment": "comment" in flags}
+            if "family" in opts:
+                kw["family"] = opts["family"]
+            for k in ("hashsize", "maxelem"):
+                if k in opts:
+                    kw[k] = int(opts[k], 0)
+            sets[toks[1]] = (IpsetSet(**kw), [])
+        elif toks[0] == "add" and len(toks) >= 3 and toks[1] in sets:
+            comment = None
+            if "comment" in toks[3:]:
+                at = toks.index("comment", 3)
+                comment = toks[at + 1] if at + 1 < len(toks) else ""
+            sets[toks[1]][1].append(IpsetEntry(set=toks[1], ip=toks[2], comment=comment))
+    return sets
+
+
+def route_args(r: Route) -> list[str]:
+    """A Route as ``ip route`` arguments, validated, every field spelled out (type, scope), so
+    that adding and deleting by these arguments means exactly this route."""
+    net = check_prefix(r.dst)
+    if net.version != r.family:
+        raise InvalidValue(f"route {r.dst} is IPv{net.version} but family is {r.family}")
+    if r.type not in ROUTE_TYPES.values():
+        raise InvalidValue(f"route type {r.type!r}")
+    if r.scope not in (None, "link", "host", "site"):
+        raise InvalidValue(f"route scope {r.scope!r}")
+    args = [r.type, str(net)]
+    if r.via:
+        args += ["via", check_ip(r.via, r.family)]
+    if r.dev:
+        args += ["dev", check_ifname(r.dev)]
+    if r.src:
+        args += ["src", check_ip(r.src, r.family)]
+    args += ["scope", r.scope or "global"]
+    if r.onlink:
+        args.append("onlink")
+    args += ["table", str(int(r.table))]
+    return args
+
+
+# ---------------------------------------------------------------- the host
+
+
+class Host:
+    """One network namespace. Use as a context manager, or call :meth:`close`."""
+
+    def __init__(self, ns: "NetnsRef | str"):
+        self.ns = NetnsRef.resolve(ns)
+        self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._worker_ident: Optional[int] = None
+        self._lock = threading.Lock()
+        self._features: Optional[Features] = None
+        # created and used on the worker thread only
+        self._ipr: Optional[IPRoute] = None
+        self._nft: Any = None
+
+    def __repr__(self) -> str:
+        return f"Host({self.ns.spec!r})"
+
+    def __enter__(self) -> "Host":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ running inside the netns
+
+    def _started(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                ex = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix=f"netns-{self.ns.spec}")
+                try:
+                    ex.submit(self._worker_init).result()
+                except BaseException:
+                    ex.shutdown(wait=True)
+                    raise
+                self._executor = ex
+            return self._executor
+
+    def _worker_init(self) -> None:
+        try:
+            _enter_netns(self.ns)
+        except FileNotFoundError:
+            raise NetnsNotFound(f"network namespace {self.ns.spec!r} is gone ({self.ns.path})") from None
+        self._worker_ident = threading.get_ident()
+        log.debug("netns worker started netns=%s", self.ns.spec)
+
+    def in_netns(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn`` on this Host's thread, which lives inside the netns.
+
+        Sockets and file descriptors made there (a UDP socket, an open ``/dev/net/tun``) belong
+        to the netns and can be used from any thread afterwards. Calls are serialised: keep
+        ``fn`` short.
+        """
+        if self._worker_ident == threading.get_ident():
+            return fn(*args, **kwargs)
+        return self._started().submit(fn, *args, **kwargs).result()
+
+    def _iproute(self) -> IPRoute:
+        # invariant: only ever touched on the worker thread (pyroute2 state is thread-local)
+        assert self._worker_ident == threading.get_ident(), "IPRoute used off the netns thread"
+        if self._ipr is None:
+            self._ipr = IPRoute(ext_ack=True)
+        return self._ipr
+
+    def netlink(self, fn: Callable[[IPRoute], T], what: str = "netlink request") -> T:
+        """Run ``fn(ipr)`` with this netns's pyroute2 ``IPRoute`` (which must not escape ``fn``).
+        Kernel refusals become :class:`NetlinkFailed` naming ``what``."""
+        def call() -> T:
+            try:
+                return fn(self._iproute())
+            except NetlinkError as e:
+                raise NetlinkFailed(what, e.code, _netlink_message(e), self.ns.spec) from None
+        return self.in_netns(call)
+
+    def close(self) -> None:
+        if self._worker_ident == threading.get_ident():
+            raise HostError("Host.close() called from inside in_netns(); it would wait for itself")
+        with self._lock:
+            ex, self._executor = self._executor, None
+        if ex is None:
+            return
+        try:
+            ex.submit(self._worker_close).result()
+        finally:
+            ex.shutdown(wait=True)
+            self._worker_ident = None
+
+    def _worker_close(self) -> None:
+        if self._ipr is not None:
+            try:
+                self._ipr.close()
+            finally:
+                self._ipr = None
+        self._nft = None
+
+    # ------------------------------------------------------------ commands
+
+    def run(self, argv: Sequence[str], input: "str | bytes | None" = None, check: bool = True,
+            timeout: float = 30) -> subprocess.CompletedProcess:
+        """Run ``argv`` inside the netns (``nsenter --net``). Output is text."""
+        argv = [_check_text_arg(a) for a in argv]
+        if not argv:
+            raise InvalidValue("empty command")
+        full = ["nsenter", f"--net={self.ns.path}", "--", *argv]
+        if isinstance(input, bytes):
+            input = input.decode()
+        start = time.monotonic()
+        try:
+            cp = subprocess.run(full, input=input, capture_output=True, text=True,
+                                errors="replace", timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            raise CommandError(argv, -1, f"timed out after {timeout}s", self.ns.spec) from e
+        except FileNotFoundError as e:
+            raise MissingFeature("nsenter", self.ns.spec, str(e)) from None
+        log.debug("run netns=%s cmd=%r rc=%s ms=%.1f", self.ns.spec, shlex.join(argv),
+                  cp.returncode, (time.monotonic() - start) * 1000)
+        cp.args = argv     # callers and errors see the command they asked for, not the nsenter wrapper
+        if check and cp.returncode != 0:
+            raise CommandError(argv, cp.returncode, cp.stderr, self.ns.spec, cp.stdout)
+        return cp
+
+    # ------------------------------------------------------------ links and addresses
+
+    def links(self) -> list[LinkInfo]:
+        def read(ipr: IPRoute) -> list[LinkInfo]:
+            addrs: dict[int, list[str]] = {}
+            for a in ipr.get_addr(family=socket.AF_INET):
+                ip = a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")
+                addrs.setdefault(a["index"], []).append(f"{ip}/{a['prefixlen']}")
+            return [_link_info(msg, addrs) for msg in ipr.get_links()]
+        return self.netlink(read, "list links")
+
+    def link(self, name: str) -> Optional[LinkInfo]:
+        return next((l for l in self.links() if l.name == name), None)
+
+    def ifindex(self, name: str) -> int:
+        check_ifname(name)
+
+        def lookup(ipr: IPRoute) -> list[int]:
+            return list(ipr.link_lookup(ifname=name))
+        found = self.netlink(lookup, f"look up link {name}")
+        if not found:
+            raise HostError(f"no link {name!r} in netns {self.ns.spec}")
+        return found[0]
+
+    def link_add(self, name: str, kind: str, **attrs: Any) -> None:
+        """Create a link with pyroute2 (``kind`` + its attributes, e.g. ``vxlan_id=1000``).
+        A kernel without that link type gives :class:`MissingFeature`, not a netlink error."""
+        check_ifname(name)
+
+        def add(ipr: IPRoute) -> None:
+            try:
+                ipr.link("add", ifname=name, kind=kind, **attrs)
+            except NetlinkError as e:
+                if e.code == errno.EOPNOTSUPP and kind in FEATURE_HELP:
+                    # the kernel has no driver for this kind: retrying cannot help
+                    raise MissingFeature(kind, self.ns.spec,
+                                         f"creating {name!r}: the kernel answered "
+                                         f"'{os.strerror(e.code)}'") from None
+                raise
+        self.netlink(add, f"add {kind} link {name}")
+        log.info("link added netns=%s name=%s kind=%s", self.ns.spec, name, kind)
+
+    def link_up(self, name: str) -> None:
+        idx = self.ifindex(name)
+        self.netlink(lambda ipr: ipr.link("set", index=idx, state="up"), f"set link {name} up")
+
+    def link_down(self, name: str) -> None:
+        idx = self.ifindex(name)
+        self.netlink(lambda ipr: ipr.link("set", index=idx, state="down"), f"set link {name} down")
+
+    def link_del(self, name: str) -> None:
+        idx = self.ifindex(name)
+        self.netlink(lambda ipr: ipr.link("del", index=idx), f"delete link {name}")
+        log.info("link deleted netns=%s name=%s", self.ns.spec, name)
+
+    def addr_add(self, name: str, cidr: str) -> None:
+        """Add an address; IPv4 gets the broadcast address of its prefix (like the original,
+        which went through vishvananda/netlink's AddrAdd)."""
+        iface = check_interface(cidr)
+        idx = self.ifindex(name)
+        kw: dict[str, Any] = {"index": idx, "address": str(iface.ip), "prefixlen": iface.network.prefixlen}
+        if iface.version == 4 and iface.network.prefixlen < 31:
+            kw["broadcast"] = str(iface.network.broadcast_address)
+        self.netlink(lambda ipr: ipr.addr("add", **kw), f"add address {cidr} to {name}")
+
+    def addr_del(self, name: str, cidr: str) -> None:
+        iface = check_interface(cidr)
+        idx = self.ifindex(name)
+        self.netlink(lambda ipr: ipr.addr("del", index=idx, address=str(iface.ip),
+                                          prefixlen=iface.network.prefixlen),
+                     f"delete address {cidr} from {name}")
+
+    # ------------------------------------------------------------ ip rules
+
+    def ip_rules(self, family: int = 4) -> list[ObservedIpRule]:
+        af = _af(family)
+        msgs = self.netlink(lambda ipr: list(ipr.get_rules(family=af)), "list ip rules")
+        return [_observed_rule(m, family) for m in msgs]
+
+    def rule_add(self, r: IpRule) -> None:
+        kw = _rule_request(r)
+        self.netlink(lambda ipr: ipr.rule("add", **kw), f"add ip rule '{r.show()}'")
+        log.info("ip rule added netns=%s rule=%r", self.ns.spec, r.show())
+
+    def rule_del(self, r: IpRule) -> None:
+        """Delete exactly this rule. The kernel treats attributes left out of a delete request
+        as wildcards and removes the first rule that matches, so when another rule at the same
+        priority could match too (more selectors, or a mark where ``r`` has none) the delete is
+        refused instead."""
+        found = [o for o in self.ip_rules(r.family) if o.rule.priority == r.priority]
+        if not any(o.plain and o.rule == r for o in found):
+            raise HostError(f"ip rule '{r.show()}' not found in netns {self.ns.spec}")
+        lookalikes = [o for o in found
+                      if _kernel_would_match(r, o.rule) and not (o.plain and o.rule == r)]
+        if lookalikes:
+            raise HostError(f"refusing to delete ip rule '{r.show()}' in netns {self.ns.spec}: "
+                            f"the kernel could match '{lookalikes[0].text}' instead")
+        kw = _rule_request(r)
+        self.netlink(lambda ipr: ipr.rule("del", **kw), f"delete ip rule '{r.show()}'")
+        log.info("ip rule deleted netns=%s rule=%r", self.ns.spec, r.show())
+
+    # ------------------------------------------------------------ routes
+
+    def routes_detailed(self, table: int, family: int = 4) -> list[ObservedRoute]:
+        af = _af(family)
+        table = int(table)
+
+        def dump(ipr: IPRoute) -> list[ObservedRoute]:
+            names_by_index = {l["index"]: l.get_attr("IFLA_IFNAME") for l in ipr.get_links()}
+            out = []
+            for m in ipr.get_routes(family=af, table=table):
+                if _msg_table(m) == table:
+                    out.append(_observed_route(m, table, family, names_by_index))
+            return out
+        return self.netlink(dump, f"list routes of table {table}")
+
+    def routes(self, table: int, family: int = 4) -> list[Route]:
+        """Every route of ``table`` (kernel-made ones too: see :meth:`routes_detailed`)."""
+        return [o.route for o in self.routes_detailed(table, family)]
+
+    def route_add(self, r: Route) -> None:
+        self._route("add", r)
+
+    def route_replace(self, r: Route) -> None:
+        self._route("replace", r)
+
+    def route_del(self, r: Route) -> None:
+        self._route("del", r)
+
+    def _route(self, op: str, r: Route) -> None:
+        route_args(r)   # validates every field
+        idx = self.ifindex(r.dev) if r.dev else None
+        kw: dict[str, Any] = {"dst": r.dst, "table": r.table, "type": r.type, "family": _af(r.family),
+                              "scope": {None: 0, "site": 200, "link": 253, "host": 254}[r.scope]}
+        if op != "del":
+            # proto boot, as `ip route add` (so routes_batch) sets it: one kernel state either
+            # way. Never on delete: there it would have to match, and others use other protos
+            kw["proto"] = "boot"
+        if r.via:
+            kw["gateway"] = r.via
+        if idx is not None:
+            kw["oif"] = idx
+        if r.src:
+            kw["prefsrc"] = r.src
+        if r.onlink:
+            kw["flags"] = RTNH_F_ONLINK
+        self.netlink(lambda ipr: ipr.route(op, **kw), f"route {op} '{r.show_with_table()}'")
+        log.info("route %s netns=%s route=%r", op, self.ns.spec, r.show_with_table())
+
+    def routes_batch(self, add: Iterable[Route] = (), delete: Iterable[Route] = ()) -> None:
+        """Delete, then add, many routes with one ``ip -batch -`` (about 20 ms per 1000).
+
+        Not atomic: ``ip`` stops at the first failing line, the lines before it stay applied.
+        The error names that line.
+        """
+        lines = [shlex.join(["route", "del", *route_args(r)]) for r in delete]
+        lines += [shlex.join(["route", "add", *route_args(r)]) for r in add]
+        if not lines:
+            return
+        self._batch(["ip", "-batch", "-"], "\n".join(lines) + "\n",
+                    re.compile(r"Command failed -:(\d+)"))
+
+    # ------------------------------------------------------------ ipset
+
+    def ipsets(self) -> dict[str, tuple[IpsetSet, list[IpsetEntry]]]:
+        return parse_ipset_save(self.run(["ipset", "save"]).stdout)
+
+    def ipset_restore(self, text: str, exist: bool = False) -> None:
+        """``ipset restore`` with ``text`` (``-exist`` when asked); errors name the line."""
+        cmd = ["ipset", "restore"] + (["-exist"] if exist else [])
+        self._batch(cmd, text, re.compile(r"Error in line (\d+)"))
+
+    # ------------------------------------------------------------ iptables
+
+    def _ipt_bin(self, variant: str, family: int, suffix: str = "") -> str:
+        if variant not in IPTABLES_VARIANTS:
+            raise InvalidValue(f"iptables variant {variant!r} (one of {', '.join(IPTABLES_VARIANTS)})")
+        base = {4: "iptables", 6: "ip6tables"}.get(family)
+        if base is None:
+            raise InvalidValue(f"family {family!r} (4 or 6)")
+        return f"{base}-{variant}{suffix}"
+
+    def iptables_save(self, variant: str, family: int = 4, table: Optional[str] = None,
+                      counters: bool = False) -> str:
+        cmd = [self._ipt_bin(variant, family, "-save")]
+        if table is not None:
+            if table not in IPTABLES_TABLES:
+                raise InvalidValue(f"iptables table {table!r}")
+            cmd += ["-t", table]
+        if counters:
+            cmd.append("-c")
+        return self.run(cmd).stdout
+
+    def iptables_restore(self, text: str, variant: str, family: int = 4, noflush: bool = True) -> None:
+        """One ``iptables-restore`` call. Atomic per table, not per input (kernel-notes §5)."""
+        cmd = [self._ipt_bin(variant, family, "-restore"), "-w", IPTABLES_WAIT]
+        if noflush:
+            cmd.append("--noflush")
+        line_re = re.compile(r"(?:Error occurred at line: (\d+))|(?:line (\d+) failed)|(?:at line (\d+))")
+        self._batch(cmd, text, line_re, tables=True)
+
+    def iptables(self, variant: str, args: Sequence[str], family: int = 4,
+                 check: bool = True) -> subprocess.CompletedProcess:
+        cmd = [self._ipt_bin(variant, family), "-w", IPTABLES_WAIT, *args]
+        return self.run(cmd, check=check)
+
+    def _batch(self, cmd: list[str], text: str, line_re: re.Pattern, tables: bool = False) -> None:
+        start = time.monotonic()
+        cp = self.run(cmd, input=text, check=False)
+        ms = (time.monotonic() - start) * 1000
+        if cp.returncode == 0:
+            log.debug("batch ok netns=%s cmd=%r lines=%d ms=%.1f", self.ns.spec, cmd[0],
+                      text.count("\n"), ms)
+            return
+        lineno = None
+        for m in line_re.finditer(cp.stderr):
+            lineno = int(next(g for g in m.groups() if g))
+            break
+        table = _table_at(text, lineno) if (tables and lineno) else None
+        raise RestoreError(cmd, cp.returncode, cp.stderr, self.ns.spec, text, lineno, table)
+
+    # ------------------------------------------------------------ nftables
+
+    def _nft_ctx(self) -> Any:
+        assert self._worker_ident == threading.get_ident(), "nft used off the netns thread"
+        if self._nft is None:
+            try:
+                import nftables
+                self._nft = nftables.Nftables()
+            except (ImportError, OSError) as e:
+                raise MissingFeature("nft_bindings", self.ns.spec, str(e)) from None
+        return self._nft
+
+    def nft(self, script: str) -> str:
+        """Run an nft script as one transaction (libnftables, inside the netns)."""
+        def call() -> str:
+            ctx = self._nft_ctx()
+            ctx.set_json_output(False)
+            rc, out, err = ctx.cmd(script)
+            if rc != 0:
+                raise NftError(script, rc, err, self.ns.spec)
+            return out
+        return self.in_netns(call)
+
+    def nft_json(self, cmd: "str | Mapping[str, Any]") -> dict:
+        """An nft command (text, or a JSON document) with JSON output, parsed."""
+        def call() -> dict:
+            ctx = self._nft_ctx()
+            ctx.set_json_output(True)
+            try:
+                text = cmd if isinstance(cmd, str) else json.dumps(cmd)
+                rc, out, err = ctx.cmd(text)
+            finally:
+                ctx.set_json_output(False)
+            if rc != 0:
+                raise NftError(text, rc, err, self.ns.spec)
+            return json.loads(out) if out.strip() else {}
+        return self.in_netns(call)
+
+    # ------------------------------------------------------------ sysctls
+
+    def sysctl_get(self, keys: Iterable[str]) -> dict[str, Optional[str]]:
+        """Values as the files show them (stripped); None when the file does not exist."""
+        keys = [check_sysctl_key(k) for k in keys]
+
+        def read() -> dict[str, Optional[str]]:
+            out: dict[str, Optional[str]] = {}
+            for k in keys:
+                try:
+                    with open(f"/proc/sys/{k}", encoding="ascii") as f:
+                        out[k] = f.read().strip()
+                except FileNotFoundError:
+                    out[k] = None
+                except OSError as e:
+                    raise HostError(f"sysctl {k} in netns {self.ns.spec}: {e.strerror}") from None
+            return out
+        return self.in_netns(read)
+
+    def sysctl_set(self, values: Mapping[str, str]) -> dict[str, Optional[str]]:
+        """Write each key (inside the netns); returns the previous values."""
+        items = [(check_sysctl_key(k), _check_text_arg(str(v))) for k, v in values.items()]
+
+        def write() -> dict[str, Optional[str]]:
+            old: dict[str, Optional[str]] = {}
+            for k, v in items:
+                path = f"/proc/sys/{k}"
+                try:
+                    with open(path, encoding="ascii") as f:
+                        old[k] = f.read().strip()
+                    with open(path, "w", encoding="ascii") as f:
+                        f.write(v)
+                except OSError as e:
+                    raise HostError(f"sysctl {k} = {v} in netns {self.ns.spec}: {e.strerror}") from None
+            return old
+        old = self.in_netns(write)
+        log.info("sysctls set netns=%s %s", self.ns.spec,
+                 " ".join(f"{k}={v}" for k, v in items))
+        return old
+
+    # ------------------------------------------------------------ features
+
+    def features(self, refresh: bool = False) -> Features:
+        """Probe once per Host; every probe object is removed at once."""
+        if self._features is None or refresh:
+            self._features = _probe_features(self)
+        return self._features
+
+    def require(self, feature: str) -> None:
+        self.features().require(feature)
+
+
+# ---------------------------------------------------------------- helpers (netlink decoding)
+
+
+def _af(family: int) -> int:
+    if family == 4:
+        return socket.AF_INET
+    if family == 6:
+        return socket.AF_INET6
+    raise InvalidValue(f"family {family!r} (4 or 6)")
+
+
+def _netlink_message(e: NetlinkError) -> str:
+    msg = e.args[1] if len(e.args) > 1 and e.args[1] else os.strerror(e.code)
+    return str(msg)
+
+
+def _link_info(msg: Any, addrs: Mapping[int, list[str]]) -> LinkInfo:
+    flags = msg["flags"]
+    linkinfo = msg.get_attr("IFLA_LINKINFO")
+    kind = linkinfo.get_attr("IFLA_INFO_KIND") if linkinfo else None
+    data = linkinfo.get_attr("IFLA_INFO_DATA") if linkinfo else None
+    if kind is None and flags & IFF_LOOPBACK:
+        kind = "loopback"
+    kw: dict[str, Any] = {}
+    if kind == "vxlan" and data is not None:
+        kw = {"vni": data.get_attr("IFLA_VXLAN_ID"),
+              "remote": data.get_attr("IFLA_VXLAN_GROUP"),
+              "dstport": data.get_attr("IFLA_VXLAN_PORT"),
+              "external": bool(data.get_attr("IFLA_VXLAN_COLLECT_METADATA"))}
+    elif kind == "geneve" and data is not None:
+        kw = {"vni": data.get_attr("IFLA_GENEVE_ID"),
+              "remote": data.get_attr("IFLA_GENEVE_REMOTE"),
+              "dstport": data.get_attr("IFLA_GENEVE_PORT"),
+              "external": data.get_nla("IFLA_GENEVE_COLLECT_METADATA") is not None}
+    elif kind == "veth":
+        kw = {"peer_ifindex": msg.get_attr("IFLA_LINK")}
+    elif kind == "tun" and data is not None:
+        kw = {"tun_mode": TUN_MODES.get(data.get_attr("IFLA_TUN_TYPE"))}
+    return LinkInfo(name=msg.get_attr("IFLA_IFNAME"), index=msg["index"], kind=kind,
+                    up=bool(flags & IFF_UP), addresses=tuple(addrs.get(msg["index"], ())),
+                    mtu=msg.get_attr("IFLA_MTU"), **kw)
+
+
+def _msg_table(m: Any) -> int:
+    t = m.get_attr("RTA_TABLE")
+    return t if t is not None else m["table"]
+
+
+def _observed_route(m: Any, table: int, family: int, ifnames: Mapping[int, str]) -> ObservedRoute:
+    dst = m.get_attr("RTA_DST")
+    zero = "0.0.0.0" if family == 4 else "::"
+    prefix = f"{dst or zero}/{m['dst_len']}"
+    via, oif, multipath = m.get_attr("RTA_GATEWAY"), m.get_attr("RTA_OIF"), False
+    flags = m["flags"]
+    hops = m.get_attr("RTA_MULTIPATH")
+    if hops:
+        # the model has no multipath routes: show the first hop and say so
+        multipath = True
+        via = hops[0].get_attr("RTA_GATEWAY")
+        oif = hops[0]["oif"]
+        flags |= hops[0]["flags"]
+    route = Route(table=table, dst=str(ipaddress.ip_network(prefix, strict=False)),
+                  type=ROUTE_TYPES.get(m["type"], str(m["type"])), via=via,
+                  dev=ifnames.get(oif) if oif is not None else None,
+                  src=m.get_attr("RTA_PREFSRC"), scope=ROUTE_SCOPES.get(m["scope"], str(m["scope"])),
+                  onlink=bool(flags & RTNH_F_ONLINK), family=family)
+    return ObservedRoute(route=route, protocol=ROUTE_PROTOS.get(m["proto"], str(m["proto"])),
+                         metric=m.get_attr("RTA_PRIORITY"), multipath=multipath)
+
+
+def _observed_rule(m: Any, family: int) -> ObservedIpRule:
+    action = RULE_ACTIONS.get(m["action"], f"action-{m['action']}")
+    table = m.get_attr("FRA_TABLE")
+    if table is None:
+        table = m["table"]
+    fwmark, fwmask = m.get_attr("FRA_FWMARK"), m.get_attr("FRA_FWMASK")
+    rule = IpRule(priority=m.get_attr("FRA_PRIORITY") or 0, action=action,
+                  table=table if action == "lookup" else None,
+                  goto=m.get_attr("FRA_GOTO") if action == "goto" else None,
+                  fwmark=fwmark, fwmask=fwmask if fwmark is not None or fwmask else None,
+                  family=family)
+    # selectors the model cannot express; any of them makes the rule "not plain"
+    extra: list[str] = []
+    if m["flags"] & FIB_RULE_INVERT:
+        extra.append("not")
+    src = f"{m.get_attr('FRA_SRC')}/{m['src_len']}" if m["src_len"] else "all"
+    if m["src_len"]:
+        extra.append("from")
+    if m["dst_len"]:
+        extra.append(f"to {m.get_attr('FRA_DST')}/{m['dst_len']}")
+    if m["tos"]:
+        extra.append(f"tos {m['tos']:#x}")
+    for name, value in ((a[0], a[1]) for a in m["attrs"]):
+        if name in _RULE_PLAIN_ATTRS or name in ("FRA_SRC", "FRA_DST"):
+            continue
+        if name in ("FRA_SUPPRESS_PREFIXLEN", "FRA_SUPPRESS_IFGROUP") and value in (-1, 0xFFFFFFFF):
+            continue
+        extra.append(f"{name[4:].lower()} {value}")
+    words = [f"{rule.priority}:\t" + ("not " if m["flags"] & FIB_RULE_INVERT else "") + f"from {src}"]
+    words += [e for e in extra if e not in ("not", "from")]
+    if fwmark is not None:
+        words.append(f"fwmark {fwmark:#x}" + (f"/{fwmask:#x}" if fwmask not in (None, names.MARK_WHOLE) else ""))
+    words.append({"lookup": f"lookup {table}", "goto": f"goto {rule.goto}"}.get(action, action))
+    text = " ".join(words)
+    return ObservedIpRule(rule=rule, plain=not extra, text=text)
+
+
+def _rule_request(r: IpRule) -> dict[str, Any]:
+    if r.action not in ("lookup", "goto"):
+        raise InvalidValue(f"ip rule action {r.action!r} (lookup or goto)")
+    kw: dict[str, Any] = {"priority": int(r.priority), "family": _af(r.family),
+                          "action": RULE_ACTION_IDS[r.action]}
+    if r.action == "lookup":
+        if r.table is None:
+            raise InvalidValue(f"ip rule {r.priority}: lookup without a table")
+        kw["table"] = int(r.table)
+    else:
+        if r.goto is None:
+            raise InvalidValue(f"ip rule {r.priority}: goto without a target")
+        kw["goto"] = int(r.goto)
+    if r.fwmark is not None:
+        kw["fwmark"] = int(r.fwmark)
+        kw["fwmask"] = int(r.fwmask if r.fwmask is not None else names.MARK_WHOLE)
+    return kw
+
+
+def _kernel_would_match(req: IpRule, got: IpRule) -> bool:
+    """Would a delete request for ``req`` match ``got`` (fib_rules.c rule_find: a field that is
+    zero/absent in the request matches anything)?"""
+    if got.action != req.action:
+        return False
+    if req.action == "lookup" and got.table != req.table:
+        return False
+    if req.action == "goto" and got.goto != req.goto:
+        return False
+    if req.fwmark and got.fwmark != req.fwmark:
+        return False
+    if req.fwmark is not None and req.fwmask and got.fwmask != req.fwmask:
+        return False
+    return True
+
+
+def _table_at(text: str, lineno: int) -> Optional[str]:
+    table = None
+    for n, line in enumerate(text.splitlines(), 1):
+        if n > lineno:
+            break
+        if line.startswith("*"):
+            table = line[1:].strip()
+    return table
+
+
+# ---------------------------------------------------------------- feature probes
+
+
+def _probe_name() -> str:
+    return "nrp" + secrets.token_hex(4)       # 11 characters, unique, obviously a probe
+
+
+def _probe_link(host: Host, kind: str, **attrs: Any) -> tuple[bool, str]:
+    name = _probe_name()
+
+    def probe(ipr: IPRoute) -> tuple[bool, str]:
+        try:
+            ipr.link("add", ifname=name, kind=kind, **attrs)
+        except NetlinkError as e:
+            return False, f"the kernel answered '{_netlink_message(e)}' to a {kind} link"
+        finally:
+            # whatever happened, leave nothing behind
+            for idx in ipr.link_lookup(ifname=name):
+                ipr.link("del", index=idx)
+        return True, ""
+    try:
+        return host.netlink(probe, f"probe {kind}")
+    except (HostError, OSError) as e:
+        return False, str(e)
+
+
+def _probe_cmd(host: Host, argv: list[str], input: Optional[str] = None) -> tuple[bool, str]:
+    if shutil.which(argv[0]) is None:
+        return False, f"{argv[0]} is not installed"
+    cp = host.run(argv, input=input, check=False, timeout=10)
+    if cp.returncode != 0:
+        first = next((l for l in cp.stderr.splitlines() if l.strip()), f"exit {cp.returncode}")
+        return False, f"`{shlex.join(argv)}`: {first.strip()}"
+    return True, ""
+
+
+def _probe_nft(host: Host) -> tuple[tuple[bool, str], tuple[Optional[bool], str]]:
+    table = _probe_name()
+    # one transaction that creates and deletes its own table: nothing is left either way
+    script = (f"add table ip {table}\n"
+              f"add chain ip {table} p {{ type filter hook prerouting priority -150; }}\n"
+              f"add rule ip {table} p meta l4proto tcp tproxy to 127.0.0.1:9 accept\n"
+              f"delete table ip {table}\n")
+    try:
+        host.nft("list tables")
+    except MissingFeature as e:
+        return (False, e.detail), (None, "needs the nftables bindings to probe")
+    except NftError as e:
+        return (False, e.error.strip().splitlines()[0] if e.error.strip() else str(e)), (None, "")
+    try:
+        host.nft(script)
+    except NftError as e:
+        return (True, ""), (False, e.error.strip().splitlines()[0] if e.error.strip() else str(e))
+    return (True, ""), (True, "")
+
+
+def _probe_features(host: Host) -> Features:
+    results: dict[str, tuple[Optional[bool], str]] = {
+        "geneve": _probe_link(host, "geneve", geneve_id=1, geneve_remote="127.0.0.1"),
+        "vxlan": _probe_link(host, "vxlan", vxlan_id=1, vxlan_port=4789),
+        "tuntap": _probe_link(host, "tuntap", mode="tap"),
+    }
+    probe_set = _probe_name()
+    results["ipset"] = _probe_cmd(host, ["ipset", "restore"],
+                                  f"create {probe_set} hash:ip comment\ndestroy {probe_set}\n")
+    # listing never creates a table, so these probes leave nothing behind
+    results["iptables_nft"] = _probe_cmd(host, ["iptables-nft", "-w", IPTABLES_WAIT, "-t", "filter", "-S"])
+    results["iptables_legacy"] = _probe_cmd(host, ["iptables-legacy-save"])
+    results["nft_bindings"], results["tproxy"] = _probe_nft(host)
+    reasons = tuple((k, why) for k, (ok, why) in results.items() if ok is not True and why)
+    feats = Features(netns=host.ns.spec, reasons=reasons,
+                     **{k: ok for k, (ok, _) in results.items()})
+    log.info("features netns=%s %s", host.ns.spec,
+             " ".join(f"{k}={getattr(feats, k)}" for k in results))
+    return feats

@@ -1,0 +1,101 @@
+"""Kernel -> values: what one network namespace holds, in the model's shapes.
+
+:func:`observe` reads everything the planner compares against the rendered state, through a
+:class:`~noderedirect.host.Host`. It makes no decisions: foreign iptables rules, ip rules and
+routes are reported next to ours (the planner decides what it owns). The only filter is on
+ipsets, whose names alone say whose they are, and on the iptables tables the designs use.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from . import names
+from .host import (Host, LinkInfo, ObservedIpRule, ObservedRoute, SavedChain, parse_iptables_chains,
+                   parse_iptables_save)
+from .model import IpsetEntry, IpsetSet, IptRule, Route, Sysctl
+
+log = logging.getLogger(__name__)
+
+IPTABLES_TABLES = names.TABLE_ORDER     # raw, mangle, nat, filter
+
+
+@dataclass(frozen=True)
+class Observed:
+    role: str
+    ipsets: tuple[IpsetSet, ...] = ()
+    ipset_entries: tuple[IpsetEntry, ...] = ()
+    # every rule of raw/mangle/nat/filter, ours and foreign, built-in chains included,
+    # in iptables-save order (per family)
+    iptables: tuple[IptRule, ...] = ()
+    # declared chains per (table, chain), so empty owned chains are visible too; family 4
+    # chains win over family 6 ones of the same name (see chains6)
+    chains: dict[tuple[str, str], SavedChain] = field(default_factory=dict)
+    chains6: dict[tuple[str, str], SavedChain] = field(default_factory=dict)
+    ip_rules: tuple[ObservedIpRule, ...] = ()
+    routes: tuple[Route, ...] = ()          # every route of the tables asked for
+    kernel_routes: tuple[Route, ...] = ()   # the subset the kernel made itself (proto kernel)
+    links: tuple[LinkInfo, ...] = ()
+    sysctls: tuple[Sysctl, ...] = ()        # the keys asked for; value None = no such file
+    variant: str = "nft"
+    tables: tuple[int, ...] = ()
+    families: tuple[int, ...] = (4,)
+
+    def rules_in(self, table: str, chain: Optional[str] = None, family: int = 4) -> list[IptRule]:
+        return [r for r in self.iptables
+                if r.table == table and r.family == family and (chain is None or r.chain == chain)]
+
+    def link(self, name: str) -> Optional[LinkInfo]:
+        return next((l for l in self.links if l.name == name), None)
+
+    def sysctl(self, key: str) -> Optional[str]:
+        return next((s.value for s in self.sysctls if s.key == key), None)
+
+
+def observe(host: Host, role: str, *, variant: str = "nft", tables: Iterable[int] = (100, 101, 102),
+            sysctl_keys: Iterable[str] = (), families: Iterable[int] = (4,)) -> Observed:
+    """Read one netns. ``variant`` picks the iptables binaries ('nft' or 'legacy')."""
+    families = tuple(families)
+    tables = tuple(int(t) for t in tables)
+
+    sets, entries = _ipsets(host)
+    rules: list[IptRule] = []
+    chains: dict[tuple[str, str], SavedChain] = {}
+    chains6: dict[tuple[str, str], SavedChain] = {}
+    for fam in families:
+        # no -t: a named legacy table would be created just by saving it
+        text = host.iptables_save(variant, family=fam)
+        rules += [r for r in parse_iptables_save(text, fam) if r.table in IPTABLES_TABLES]
+        target = chains if fam == 4 else chains6
+        for c in parse_iptables_chains(text, fam):
+            if c.table in IPTABLES_TABLES:
+                target[(c.table, c.chain)] = c
+
+    ip_rules = tuple(r for fam in families for r in host.ip_rules(fam))
+    found: list[ObservedRoute] = [o for fam in families for t in tables
+                                  for o in host.routes_detailed(t, fam)]
+    keys = tuple(sysctl_keys)
+    values = host.sysctl_get(keys) if keys else {}
+    obs = Observed(
+        role=role, ipsets=sets, ipset_entries=entries, iptables=tuple(rules),
+        chains=chains, chains6=chains6, ip_rules=ip_rules,
+        routes=tuple(o.route for o in found),
+        kernel_routes=tuple(o.route for o in found if o.kernel),
+        links=tuple(host.links()),
+        sysctls=tuple(Sysctl(key=k, value=values[k]) for k in keys),
+        variant=variant, tables=tables, families=families)
+    log.debug("observed netns=%s role=%s rules=%d ip_rules=%d routes=%d entries=%d",
+              host.ns.spec, role, len(rules), len(ip_rules), len(found), len(entries))
+    return obs
+
+
+def _ipsets(host: Host) -> tuple[tuple[IpsetSet, ...], tuple[IpsetEntry, ...]]:
+    sets: list[IpsetSet] = []
+    entries: list[IpsetEntry] = []
+    for name, (s, members) in sorted(host.ipsets().items()):
+        if names.is_owned_ipset(name):
+            sets.append(s)
+            entries += members
+    return tuple(sets), tuple(entries)
