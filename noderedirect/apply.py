@@ -236,9 +236,10 @@ class Engine:
         done += p.of("iptables")
         routes = p.of("route")
         add = [c.obj for c in routes if c.action in ("add", "replace")]
+        drifted = [c.old for c in routes if c.action == "replace"]   # same destination: out first
         stale = [c.old for c in routes if c.action == "delete"]
         if add:
-            host.routes_batch(add=add)
+            host.routes_batch(delete=drifted, add=add)
         for c in p.of("ip_rule"):
             if c.action == "add":
                 host.rule_add(c.obj)

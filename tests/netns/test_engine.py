@@ -177,6 +177,8 @@ DRIFTS = {
     "ip rule": lambda n, z: sh("ip", "rule", "del", "priority", "102", ns=n),
     "route": lambda n, z: sh("ip", "route", "del", "default", "table", "101", ns=n),
     "pod route": lambda n, z: sh("ip", "route", "del", "10.244.1.6/32", "table", "100", ns=n),
+    "route attribute": lambda n, z: sh("ip", "route", "replace", "10.244.1.5/32", "via", "192.168.126.2", "dev",
+                                       "istioin", "table", "100", ns=n),    # src HostIP lost
     "link": lambda n, z: sh("ip", "link", "del", "istioout", ns=n),
     "address": lambda n, z: sh("ip", "addr", "flush", "dev", "pistioin", ns=z),
     "ipset member": lambda n, z: sh("ipset", "del", "ztunnel-pods-ips", "10.244.1.5", ns=n),
