@@ -423,14 +423,12 @@ def _tables_in_save(text: str) -> set[str]:
 def derive_host_ip(links, pod_cidr: str, internal_ip: str) -> tuple[str, str]:
     """legacy-mode.md §4.12: the first local address inside the node's podCIDR, else InternalIP."""
     net = ipaddress.ip_network(pod_cidr)
-    found = []
-    for l in links:
+    # like the original: interfaces in kernel order, the first address inside the CIDR wins
+    for l in sorted(links, key=lambda l: l.index):
         for a in l.addresses:
             ip = ipaddress.ip_interface(a).ip
             if ip.version == 4 and ip in net:
-                found.append(ip)
-    if found:
-        return str(min(found)), f"derived: first address of podCIDR on the node ({min(found)})"
+                return str(ip), f"derived: first address of podCIDR on the node ({l.name})"
     return internal_ip, "derived: node InternalIP (no address of podCIDR on the node)"
 
 
