@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import ipaddress
 import json
@@ -33,7 +34,8 @@ from typing import Iterator, Optional, Sequence
 
 from . import desired as desired_mod
 from . import names, observe as observe_mod, tunnels
-from .host import Host, HostError, MissingFeature, NetnsRef
+from . import nftapply
+from .host import Host, HostError, MissingFeature, NetlinkFailed, NetnsRef
 from .model import IpRule, NetnsState, Pod, Rendered, Route, Sysctl, Values
 from .plan import Change, NetnsPlan, Observation, ObservedRule, Plan, ownership, plan_netns, removal
 
@@ -117,8 +119,10 @@ class Engine:
         if self.variant == "legacy" and not feats.iptables_legacy:
             raise MissingFeature("iptables-legacy is not available; use --backend iptables (nft)")
         if self.variant == "native":
-            raise MissingFeature("applying with --backend nft is not implemented yet; "
-                                 "use --backend iptables or iptables-legacy (render --backend nft works)")
+            # no ipset and no iptables with this backend: libnftables, and TPROXY for Z1-Z4
+            feats.require("nft_bindings")
+            feats.require("tproxy")
+            return
         if not feats.ipset:
             raise MissingFeature("the ipset tool or the kernel's hash:ip sets are missing; install ipset")
 
@@ -155,28 +159,39 @@ class Engine:
             links = tuple(self.driver.desired(l) for l in ns.links)
             extra = tuple(self.driver.extra_rules(ns.role, ns.links))
             out.append(dataclasses.replace(ns, links=links, iptables=ns.iptables + extra))
-        return dataclasses.replace(rendered, netns=tuple(out))
+        rendered = dataclasses.replace(rendered, netns=tuple(out))
+        if self.variant == "native":
+            # the driver's extra rules stay in ns.iptables: nftapply makes them chains of our table
+            rendered = nftapply.with_scripts(rendered)
+        return rendered
 
     # ------------------------------------------------------------ what is there
 
     def observe(self, want: NetnsState) -> Observation:
+        if self.variant == "native":
+            return self._observe_nft(want)
         host = self.hosts[want.role]
         own = ownership(want.role)
         keys = [s.key for s in want.sysctls]
         seen = observe_mod.observe(host, want.role, variant=self.variant, tables=own.tables,
                                    sysctl_keys=keys)
-        link_names = sorted({l.name for l in want.links} | {l.name for l in seen.links
-                                                             if names.is_owned_link(l.name)})
+        # the driver reports only links that exist, so it is asked about the present ones only,
+        # and not at all when none is (that would open a second netlink session to say so)
+        wanted = {l.name for l in want.links}
+        link_names = sorted(l.name for l in seen.links if l.name in wanted or names.is_owned_link(l.name))
         return Observation(
-            role=want.role, ipsets=seen.ipsets, ipset_entries=seen.ipset_entries,
+            role=want.role, ipsets=observe_mod.settle_grown_sets(seen.ipsets, want.ipsets),
+            ipset_entries=seen.ipset_entries,
             iptables=seen.iptables, chains=frozenset(seen.chains),
             ip_rules=tuple(ObservedRule(o.rule, o.plain, o.text) for o in seen.ip_rules),
             routes=tuple(r for r in seen.routes if r.table in own.tables),
-            links=tuple(self.driver.observe(host.ns.path, link_names)),
+            links=tuple(self.driver.observe(host.ns.path, link_names)) if link_names else (),
             sysctls=tuple(s for s in seen.sysctls if s.value is not None))
 
     def plan(self, rendered: Optional[Rendered] = None) -> Plan:
         rendered = rendered or self.desired()
+        if self.variant == "native":
+            return Plan(tuple(self.plan_nft_netns(ns) for ns in rendered.netns))
         return Plan(tuple(plan_netns(ns, self.observe(ns), ownership(ns.role)) for ns in rendered.netns))
 
     # ------------------------------------------------------------ changing things
@@ -234,6 +249,9 @@ class Engine:
         for table, text in p.restore:
             host.iptables_restore(text, self.variant, noflush=True)
         done += p.of("iptables")
+        if p.of("nft"):
+            nftapply.execute(host, p.of("nft"))      # one transaction, before routes steer traffic
+            done += p.of("nft")
         routes = p.of("route")
         add = [c.obj for c in routes if c.action in ("add", "replace")]
         drifted = [c.old for c in routes if c.action == "replace"]   # same destination: out first
@@ -259,6 +277,40 @@ class Engine:
             self.driver.remove(host.ns.path, stale_links)
             done += [c for c in p.of("link") if c.action == "delete"]
         return done
+
+    # ------------------------------------------------------------ the native nft backend
+
+    def plan_nft_netns(self, want: NetnsState) -> NetnsPlan:
+        """One netns with ``--backend nft``: our table (nftapply), then routes, ip rules, links
+        and sysctls through the same planner as iptables, given the netns without ipsets and
+        iptables rules. Our table anchors ownership like our chains do with iptables."""
+        changes, conflicts, anchored = nftapply.plan(self.hosts[want.role], want)
+        rest = nftapply.without_firewall(want)
+        p = plan_netns(rest, self.observe(rest), ownership(want.role), anchored=anchored)
+        first = tuple(c for c in p.changes if c.kind in ("link", "sysctl"))
+        then = tuple(c for c in p.changes if c.kind not in ("link", "sysctl"))
+        return dataclasses.replace(p, changes=first + tuple(changes) + then,
+                                   conflicts=tuple(conflicts) + p.conflicts)
+
+    def _observe_nft(self, want: NetnsState) -> Observation:
+        """observe() for the nft backend: neither iptables nor ipset is read (or needed)."""
+        host = self.hosts[want.role]
+        own = ownership(want.role)
+        wanted = {l.name for l in want.links}
+        link_names = sorted(l.name for l in host.links() if l.name in wanted or names.is_owned_link(l.name))
+        keys = [s.key for s in want.sysctls]
+        values = host.sysctl_get(keys) if keys else {}
+        return Observation(
+            role=want.role,
+            ip_rules=tuple(ObservedRule(o.rule, o.plain, o.text) for o in host.ip_rules(4)),
+            routes=tuple(r for t in own.tables for r in host.routes(t)),
+            links=tuple(self.driver.observe(host.ns.path, link_names)) if link_names else (),
+            sysctls=tuple(Sysctl(k, v) for k, v in values.items() if v is not None))
+
+    def _nft_removal(self, p: NetnsPlan) -> NetnsPlan:
+        """Cleanup with the nft backend: our table as a whole, ahead of the usual removals."""
+        live = nftapply.observe_table(self.hosts[p.role], names.NFT_TABLES[p.role])
+        return dataclasses.replace(p, changes=tuple(nftapply.removal(p.role, live)) + p.changes)
 
     # ------------------------------------------------------------ memory of "before"
 
@@ -309,6 +361,8 @@ class Engine:
                 saved = self.saved_sysctls(role)
                 restore = [Sysctl(k, v) for k, v in sorted(saved.items())]
                 plans.append(removal(obs, ownership(role), sysctl_restore=restore))
+                if self.variant == "native":
+                    plans[-1] = self._nft_removal(plans[-1])
             p = Plan(tuple(plans))
             result = Result(plan=p)
             if dry_run:
@@ -328,6 +382,7 @@ class Engine:
             host.routes_batch(delete=stale)
         for table, text in p.restore:
             host.iptables_restore(text, self.variant, noflush=True)
+        nftapply.execute(host, p.of("nft"))          # our table only; never a ruleset flush
         for c in p.of("ipset"):
             if c.action == "destroy":
                 host.run(["ipset", "destroy", c.old.name])
@@ -362,40 +417,53 @@ class Engine:
     # ------------------------------------------------------------ one pod
 
     def pod_add(self, pod: Pod) -> list[str]:
-        """Enroll one pod: its ipset entry and its table-100 route, nothing else."""
-        n = self.node_params().node
+        """Enroll one pod: its ipset entry and its table-100 route, nothing else.
+
+        Two netlink requests on the node's long-lived sockets, no process and no listing (a
+        controller calls this per pod event). Only HostIP is derived, and only when the values
+        leave it to the kernel; the rest of :meth:`node_params` does not concern one pod.
+        """
+        n = self.values.node
         host = self.hosts["node"]
-        entry = (f'add {names.IPSET} {pod.ip} comment "{pod.uid}"' if n.ipset_comments
+        host_ip = (n.host_ip if n.host_ip_source == "values"
+                   else derive_host_ip(host.links(), n.pod_cidr, n.internal_ip)[0])
+        comment = pod.uid if n.ipset_comments else None
+        entry = (f'add {names.IPSET} {pod.ip} comment "{pod.uid}"' if comment is not None
                  else f"add {names.IPSET} {pod.ip}")
         route = Route(table=names.TABLE_INBOUND, dst=f"{pod.ip}/32", via=str(names.TUN_IN_ZTUNNEL),
-                      dev=names.LINK_IN, src=n.host_ip)
+                      dev=names.LINK_IN, src=host_ip)
         with self.locked():
-            sets = host.ipsets()
-            if names.IPSET not in sets:
-                raise HostError(f"{names.IPSET} does not exist in {self.node_ns.spec}: run apply first")
-            host.run(["ipset", "-exist", "restore"], input=entry + "\n")
+            try:
+                host.ipset_add(names.IPSET, pod.ip, comment)     # like -exist: re-adding is fine
+            except NetlinkFailed as e:
+                if e.code == errno.ENOENT:
+                    raise HostError(f"{names.IPSET} does not exist in {self.node_ns.spec}: "
+                                    "run apply first") from None
+                raise
             host.route_replace(route)
         return [entry, f"route replace {route.show_with_table()}"]
 
     def pod_remove(self, ip: str, uid: Optional[str] = None) -> list[str]:
         """Unenroll one pod. With a UID, the entry is removed only if its comment is that UID, so a
-        late delete for an old pod never removes a new pod that reused the IP (W14)."""
+        late delete for an old pod never removes a new pod that reused the IP (W14).
+
+        Without a UID: one ipset delete (it says whether the IP was enrolled) and the route
+        deletes. With one, the member's comment is read first from a listing of our set only.
+        """
         host = self.hosts["node"]
         done: list[str] = []
         with self.locked():
-            sets = host.ipsets()
-            _, entries = sets.get(names.IPSET, (None, []))
-            entry = next((e for e in entries if e.ip == ip), None)
-            if entry is None:
-                return done
-            if uid is not None and entry.comment is not None and entry.comment != uid:
-                raise HostError(f"{ip} belongs to pod UID {entry.comment}, not {uid}: left in place")
-            host.run(["ipset", "-exist", "del", names.IPSET, ip])
+            if uid is not None:
+                entry = host.ipset_entry(names.IPSET, ip)
+                if entry is None:
+                    return done
+                if entry.comment is not None and entry.comment != uid:
+                    raise HostError(f"{ip} belongs to pod UID {entry.comment}, not {uid}: left in place")
+            if not host.ipset_del(names.IPSET, ip):
+                return done          # not enrolled: its route, if any, is apply's business
             done.append(f"del {names.IPSET} {ip}")
-            for r in host.routes(names.TABLE_INBOUND):
-                if r.dst == f"{ip}/32":
-                    host.route_del(r)
-                    done.append(f"route del {r.show_with_table()}")
+            for r in host.route_del_prefix(names.TABLE_INBOUND, f"{ip}/32"):
+                done.append(f"route del {r.show_with_table()}")
         return done
 
 

@@ -8,9 +8,10 @@ ipsets, whose names alone say whose they are, and on the iptables tables the des
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 from . import names
 from .host import (Host, LinkInfo, ObservedIpRule, ObservedRoute, SavedChain, parse_iptables_chains,
@@ -94,8 +95,30 @@ def observe(host: Host, role: str, *, variant: str = "nft", tables: Iterable[int
 def _ipsets(host: Host) -> tuple[tuple[IpsetSet, ...], tuple[IpsetEntry, ...]]:
     sets: list[IpsetSet] = []
     entries: list[IpsetEntry] = []
-    for name, (s, members) in sorted(host.ipsets().items()):
+    # foreign sets (kube-proxy, kube-router …) can be large: only ours are parsed
+    for name, (s, members) in sorted(host.ipsets(only=names.is_owned_ipset).items()):
         if names.is_owned_ipset(name):
             sets.append(s)
             entries += members
     return tuple(sets), tuple(entries)
+
+
+def settle_grown_sets(seen: Sequence[IpsetSet], wanted: Sequence[IpsetSet]) -> tuple[IpsetSet, ...]:
+    """Report a hash set the kernel has grown with the size it was created with.
+
+    The kernel rounds a hash set's ``hashsize`` up to a power of two and doubles it as members
+    arrive (never shrinking it), and ``ipset save`` shows the current size: past a few
+    thousand members ``hashsize 1024`` reads back as 2048. A set found with a larger power-of-two
+    size than wanted, and otherwise exactly as wanted, is the set we made; without this every
+    apply would rebuild it, and the rebuilt twin would grow again (never converging).
+    """
+    want = {s.name: s for s in wanted}
+    out = []
+    for s in seen:
+        w = want.get(s.name)
+        if (w is not None and s.type.startswith("hash:") and s.hashsize > w.hashsize
+                and s.hashsize & (s.hashsize - 1) == 0 and dataclasses.replace(s, hashsize=w.hashsize) == w):
+            s = w
+        out.append(s)
+    return tuple(out)
+

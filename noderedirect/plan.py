@@ -398,14 +398,17 @@ def _chain_drift(have: list[str], want: list[str]) -> str:
 # ---------------------------------------------------------------- whole netns
 
 
-def plan_netns(want: NetnsState, obs: Observation, own: Ownership, *, families: Sequence[int] = (4,)) -> NetnsPlan:
+def plan_netns(want: NetnsState, obs: Observation, own: Ownership, *, families: Sequence[int] = (4,),
+               anchored: bool = False) -> NetnsPlan:
+    """``anchored``: the netns is known to be ours by an anchor ``obs`` cannot show (the nft
+    backend's table), so routes and rules at our numbers are ours, not conflicts."""
     role = want.role
     changes: list[Change] = []
     conflicts: list[str] = []
     warnings: list[str] = []
 
     owned_routes = [r for r in obs.routes if r.table in own.tables]
-    if not holds(obs, own):
+    if not (anchored or holds(obs, own)):
         for o in obs.ip_rules:
             if o.rule.priority in own.rule_prios and o.rule not in set(want.ip_rules):
                 conflicts.append(f"{role}: ip rule priority {o.rule.priority} is already used by "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import names
+from . import names, nftapply
 from .model import IpRule, IpsetEntry, IpsetSet, Link, Route, Sysctl
 from .plan import ownership, plan_netns
 from .render import declared_chains
@@ -30,8 +30,15 @@ def status(engine) -> dict[str, Any]:
         "notes": list(engine.notes), "netns": [],
     }
     for want in rendered.netns:
-        obs = engine.observe(want)
-        p = plan_netns(want, obs, ownership(want.role))
+        table = None
+        if engine.variant == "native":
+            # nft backend: our table replaces the ipset and the iptables rules
+            table = nftapply.desired_table(want)
+            p = engine.plan_nft_netns(want)
+            want = nftapply.without_firewall(want)
+        else:
+            obs = engine.observe(want)
+            p = plan_netns(want, obs, ownership(want.role))
         by_obj = {id(c.obj): c for c in p.changes if c.obj is not None}
         by_key = {(c.kind, c.obj): c for c in p.changes if c.obj is not None}
         objects: list[dict[str, str]] = []
@@ -40,6 +47,9 @@ def status(engine) -> dict[str, Any]:
             state, detail = _state(change)
             objects.append({"kind": kind, "object": text, "state": state, "detail": detail})
 
+        if table is not None:
+            for text, ch in nftapply.status_objects(table, p.changes):
+                add("nft", text, ch)
         for s in want.ipsets:
             ch = next((c for c in p.changes if c.kind == "ipset" and c.action in ("create", "rebuild")), None)
             add("ipset", s.show(), ch)

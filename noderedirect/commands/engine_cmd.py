@@ -22,7 +22,9 @@ def _engine_args(p: argparse.ArgumentParser, *, values: bool = True, values_requ
     p.add_argument("--node-netns", metavar="NS", required=True, help=f"the node's netns: {NETNS_HELP}")
     p.add_argument("--ztunnel-netns", metavar="NS", required=True, help=f"the ztunnel pod's netns: {NETNS_HELP}")
     p.add_argument("--backend", choices=("iptables", "iptables-legacy", "nft"), default="iptables",
-                   help="iptables (the nft-based iptables, default), iptables-legacy, or native nft")
+                   help="iptables (the nft-based iptables, default), iptables-legacy, or nft: native "
+                        "nftables, one table per netns (ztunnel-node / ztunnel-tproxy) holding the set, "
+                        "no ipset and no iptables rules (docs/nft.md)")
     p.add_argument("--tunnel", choices=("auto", "geneve", "usergeneve", "vxlan"), default="auto",
                    help="geneve (kernel), usergeneve (user-space GENEVE over TAP), vxlan (kernel stand-in); "
                         "auto = geneve when the kernel has it, else usergeneve")
@@ -33,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     a = sub.add_parser("apply", help="program the node and ztunnel netns; verify it converged",
                        description="Observe both netns, plan, refuse on conflicts, apply atomically "
                                    "where the kernel allows (one iptables-restore per table, one ipset "
-                                   "restore, batched routes), then observe and plan again: a non-empty "
+                                   "restore, or with --backend nft one nft transaction per netns; batched "
+                                   "routes), then observe and plan again: a non-empty "
                                    "second plan is an error (did not converge). A second apply makes "
                                    "zero changes.")
     _engine_args(a)
@@ -55,7 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     st.set_defaults(func=run_status)
 
     c = sub.add_parser("cleanup", help="remove exactly what noderedirect owns in both netns",
-                       description="Remove our chains, hooks, ipsets, rules at our priorities, routes in "
+                       description="Remove our chains, hooks, ipsets (with --backend nft: our nft table, "
+                                   "never anything else in nft), rules at our priorities, routes in "
                                    "our tables and our links, and put back the sysctl values recorded "
                                    "before the first apply. Foreign objects are never touched. Ownership "
                                    "is read from the kernel, so no values file is needed.")
