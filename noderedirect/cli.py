@@ -21,8 +21,11 @@ from .render import RenderError
 from .values import ValuesError
 
 # command modules, in the order `--help` lists them
-COMMANDS = ("noderedirect.commands.render_cmd", "noderedirect.commands.diff_cmd",
-            "noderedirect.commands.engine_cmd")
+COMMANDS = ("noderedirect.commands.render_cmd",
+            "noderedirect.commands.diff_cmd",
+            "noderedirect.commands.engine_cmd",
+            "noderedirect.commands.trace_cmd",
+            "noderedirect.commands.diagram_cmd")
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 

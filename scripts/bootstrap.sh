@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-pkgs=(iptables ipset nftables libnftables1 iproute2 python3 python3-venv python3-pip tcpdump conntrack curl make)
+pkgs=(iptables ipset nftables libnftables1 iproute2 python3 python3-venv python3-pip tcpdump conntrack curl make
+      librsvg2-2 libcairo2 fonts-dejavu-core)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,125 @@
+"""``noderedirect trace``: walk a packet through the rendered rules (pure, no kernel access)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import sys
+from typing import Optional
+
+from ..cli import UsageError
+from ..model import Values
+from ..topology_model import SCENARIOS, TopologyError, build, lab_values, second_node_values
+from ..trace import PACKET_KINDS, Trace, TraceError, ZtunnelModel, trace, trace_scenario
+from .common import add_values_args, load_values
+
+EXIT_NOT_IMPLEMENTED = 2
+
+
+def add_walk_args(p: argparse.ArgumentParser) -> None:
+    """What to walk: a named scenario, or --src/--dst; shared by ``trace`` and ``diagram``."""
+    add_values_args(p, required=False)
+    p.add_argument("--scenario", metavar="NAME",
+                   help="a named lab scenario (name or number; --list-scenarios shows them)")
+    p.add_argument("--src", metavar="IP[:PORT]",
+                   help="client address: a pod, the external host, or the node (HostIP, InternalIP "
+                        "or one of its addresses); default port 40000")
+    p.add_argument("--dst", metavar="IP:PORT", help="destination address and port")
+    p.add_argument("--proto", choices=("tcp", "udp"), default="tcp")
+    p.add_argument("--two-node", action="store_true",
+                   help="add node 2 of the address plan (10.244.2.0/24 via 172.18.0.4) for --src/--dst")
+    p.add_argument("--no-original-source", action="store_true",
+                   help="model a legacy ztunnel that connects upstream from its own address")
+    p.add_argument("--packet", choices=PACKET_KINDS + ("all",), default="all",
+                   help="which packets to show: the first, the reply, a later one, or all (default)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "trace", help="walk a packet through the rendered rules, hop by hop",
+        description="Simulate a connection through the rendered rules of a node (and its ztunnel "
+                    "pod, or the pods in in-pod mode): every matching rule in order, mark and "
+                    "connmark changes, ip rules and route tables, the output device, the GENEVE "
+                    "crossing and the socket that receives it — for the first packet, the reply "
+                    "and a later packet. Pure: nothing is read from or written to a kernel. "
+                    "Without --values the project's address plan is used.")
+    add_walk_args(p)
+    p.add_argument("--mode", choices=("legacy", "inpod"), default="legacy")
+    p.add_argument("--from", dest="source", nargs="+", metavar="SOURCE", default=["rendered"],
+                   help="where the rules come from: 'rendered' (default) or 'netns NS' (live rules; "
+                        "not implemented yet)")
+    p.add_argument("--output", "-o", choices=("text", "json"), default="text")
+    p.add_argument("--list-scenarios", action="store_true", help="list the named scenarios and exit")
+    p.set_defaults(func=run_trace)
+
+
+def parse_endpoint(text: str, what: str, default_port: Optional[int]) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, ""
+    if not port:
+        if default_port is None:
+            raise UsageError(f"{what} {text!r} needs a port (IP:PORT)")
+        return host, default_port
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise UsageError(f"{what} {text!r}: {port!r} is not a port")
+    return host, int(port)
+
+
+def values_for(args: argparse.Namespace) -> Values:
+    if args.values:
+        return load_values(args)
+    return lab_values(istio_version=getattr(args, "istio_version", None),
+                      inpod_version=getattr(args, "inpod_version", None))
+
+
+def walk(args: argparse.Namespace, mode: str) -> Trace:
+    """The trace the arguments ask for (all packets; ``--packet`` is applied by the caller)."""
+    vals = values_for(args)
+    zt = ZtunnelModel(original_source=not args.no_original_source)
+    try:
+        if args.scenario:
+            if args.src or args.dst:
+                raise UsageError("--scenario cannot be combined with --src/--dst")
+            return trace_scenario(vals, mode, args.scenario, rules=args.rules, zt=zt)
+        if not (args.src and args.dst):
+            raise UsageError("give --scenario NAME, or both --src and --dst")
+        src, sport = parse_endpoint(args.src, "--src", 40000)
+        dst, dport = parse_endpoint(args.dst, "--dst", None)
+        try:
+            ipaddress.IPv4Address(dst)
+        except ValueError:
+            raise UsageError(f"--dst {args.dst!r}: {dst!r} is not an IPv4 address") from None
+        peers = (second_node_values(vals),) if args.two_node else ()
+        topo = build(vals, mode, peers=peers, rules=args.rules)
+        return trace(topo, src, dst, dport, proto=args.proto, sport=sport, zt=zt)
+    except (TraceError, TopologyError, KeyError) as e:
+        raise UsageError(str(e).strip('"')) from None
+
+
+def selected(t: Trace, packet: str) -> Trace:
+    return t.select(PACKET_KINDS if packet == "all" else (packet,))
+
+
+def run_trace(args: argparse.Namespace) -> int:
+    if args.list_scenarios:
+        for s in SCENARIOS:
+            src = f" (source {s.src})" if s.src else ""
+            print(f"{s.number:>2}  {s.name:<26} {s.client} → {s.server}:{s.port}{src} — {s.summary}")
+        return 0
+    if args.source[0] == "netns":
+        if len(args.source) != 2:
+            raise UsageError("--from netns needs the netns name: --from netns NS")
+        print("noderedirect: trace --from netns is not implemented yet: it will read the live rules "
+              f"of netns {args.source[1]}; use --from rendered (the default)", file=sys.stderr)
+        return EXIT_NOT_IMPLEMENTED
+    if args.source != ["rendered"]:
+        raise UsageError(f"--from {' '.join(args.source)}: expected 'rendered' or 'netns NS'")
+    t = selected(walk(args, args.mode), args.packet)
+    if args.output == "json":
+        json.dump(t.to_json(), sys.stdout, indent=2, ensure_ascii=False)
+        print()
+    else:
+        sys.stdout.write(t.to_text())
+    return 0
