@@ -126,6 +126,10 @@ class Engine:
         if not feats.ipset:
             raise MissingFeature("the ipset tool or the kernel's hash:ip sets are missing; install ipset")
 
+    def _note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
     def node_params(self) -> Values:
         """Fill in what the values left to the kernel: HostIP, the tunnel remote, the GENEVE port."""
         n = self.values.node
@@ -139,13 +143,13 @@ class Engine:
             src = route_source(node, n.ztunnel_ip)
             tun = src or host_ip
             if src and src != host_ip:
-                self.notes.append(f"the node reaches ztunnel from {src}, not HostIP {host_ip}: "
-                                  f"using {src} as the tunnel remote (W13)")
+                self._note(f"the node reaches ztunnel from {src}, not HostIP {host_ip}: "
+                           f"using {src} as the tunnel remote (W13)")
             changes["tun_host_ip"] = tun
         if not n.geneve_port_explicit and n.istio_version >= "1.19":
             port = tunnels.geneve_port(node.links(), n.ztunnel_ip)
             if port != n.geneve_port:
-                self.notes.append(f"GENEVE port {names.GENEVE_DEFAULT_PORT} is taken on this node: using {port}")
+                self._note(f"GENEVE port {names.GENEVE_DEFAULT_PORT} is taken on this node: using {port}")
             changes["geneve_port"] = port
         if not changes:
             return self.values
@@ -175,24 +179,24 @@ class Engine:
         keys = [s.key for s in want.sysctls]
         seen = observe_mod.observe(host, want.role, variant=self.variant, tables=own.tables,
                                    sysctl_keys=keys)
-        # the driver reports only links that exist, so it is asked about the present ones only,
-        # and not at all when none is (that would open a second netlink session to say so)
-        wanted = {l.name for l in want.links}
-        link_names = sorted(l.name for l in seen.links if l.name in wanted or names.is_owned_link(l.name))
         return Observation(
             role=want.role, ipsets=observe_mod.settle_grown_sets(seen.ipsets, want.ipsets),
             ipset_entries=seen.ipset_entries,
             iptables=seen.iptables, chains=frozenset(seen.chains),
             ip_rules=tuple(ObservedRule(o.rule, o.plain, o.text) for o in seen.ip_rules),
             routes=tuple(r for r in seen.routes if r.table in own.tables),
-            links=tuple(self.driver.observe(host.ns.path, link_names)) if link_names else (),
+            links=observe_mod.tunnel_links(self.driver, host.ns.path, seen.links,
+                                           (l.name for l in want.links)),
             sysctls=tuple(s for s in seen.sysctls if s.value is not None))
 
     def plan(self, rendered: Optional[Rendered] = None) -> Plan:
         rendered = rendered or self.desired()
+        return Plan(tuple(self.plan_one(ns) for ns in rendered.netns))
+
+    def plan_one(self, want: NetnsState) -> NetnsPlan:
         if self.variant == "native":
-            return Plan(tuple(self.plan_nft_netns(ns) for ns in rendered.netns))
-        return Plan(tuple(plan_netns(ns, self.observe(ns), ownership(ns.role)) for ns in rendered.netns))
+            return self.plan_nft_netns(want)
+        return plan_netns(want, self.observe(want), ownership(want.role))
 
     # ------------------------------------------------------------ changing things
 
@@ -209,6 +213,7 @@ class Engine:
 
     def apply(self, *, dry_run: bool = False) -> Result:
         t0 = time.perf_counter()
+        self.notes = []
         self.check_features()
         with self.locked():
             rendered = self.desired()
@@ -222,6 +227,12 @@ class Engine:
             for role in ("ztunnel", "node"):
                 ns_plan = p.get(role)
                 want = rendered.get(role)
+                if any(c.action != "delete" for c in ns_plan.of("link")):
+                    # a re-created link takes its routes and per-device sysctls with it (e.g. a
+                    # new ztunnel IP changes the tunnel remote): create links first, then plan
+                    # the rest of this netns again so those come back in this same apply
+                    result.applied += self._apply_links(want, ns_plan)
+                    ns_plan = self.plan_one(want)
                 result.applied += self._apply_netns(want, ns_plan)
             after = self.plan(rendered)
             if not after.empty:
@@ -229,13 +240,17 @@ class Engine:
         result.seconds = time.perf_counter() - t0
         return result
 
+    def _apply_links(self, want: NetnsState, p: NetnsPlan) -> list[Change]:
+        host = self.hosts[want.role]
+        changes = self.driver.ensure(host.ns.path, list(want.links))
+        log.info("links role=%s changes=%s", want.role, changes)
+        return [c for c in p.of("link") if c.action != "delete"]
+
     def _apply_netns(self, want: NetnsState, p: NetnsPlan) -> list[Change]:
         host = self.hosts[want.role]
         done: list[Change] = []
-        if p.of("link"):
-            changes = self.driver.ensure(host.ns.path, list(want.links))
-            log.info("links role=%s changes=%s", want.role, changes)
-            done += [c for c in p.of("link") if c.action != "delete"]
+        if any(c.action != "delete" for c in p.of("link")):
+            done += self._apply_links(want, p)
         sysctl_changes = p.of("sysctl")
         if p.restore:
             self._record_tables(host)

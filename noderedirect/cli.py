@@ -25,7 +25,9 @@ COMMANDS = ("noderedirect.commands.render_cmd",
             "noderedirect.commands.diff_cmd",
             "noderedirect.commands.engine_cmd",
             "noderedirect.commands.trace_cmd",
-            "noderedirect.commands.diagram_cmd")
+            "noderedirect.commands.diagram_cmd",
+            "noderedirect.commands.run_cmd",
+            "noderedirect.commands.lab_cmd")
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 

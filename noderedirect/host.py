@@ -16,10 +16,12 @@ How the netns is entered, and why:
 - Commands (``iptables-restore``, ``ipset``, ``ip -batch``) are started from that thread, so
   they are born inside the netns: no ``nsenter`` in between (which cost one more exec, ~1 ms,
   per command).
-- Hot reads and single-pod writes avoid per-message Python objects: route dumps and prefix
-  deletes go through :mod:`noderedirect._netlink` (the kernel filters by table), ipset members
-  are added/removed with pyroute2's ``IPSet`` on the worker thread, ``ipset save`` output is
-  split without ``shlex`` unless a line needs it.
+- Hot reads and single-pod writes avoid per-message Python objects: link and route dumps and
+  prefix deletes go through :mod:`noderedirect._netlink` (the kernel filters by table), ipset
+  members are added/removed with pyroute2's ``IPSet`` on the worker thread, ``ipset save``
+  output is split without ``shlex`` unless a line needs it. A route message or member line
+  the previous read already decoded (same bytes, same interface names) is not decoded again:
+  a plan or verify at thousands of pods mostly re-reads what it read before.
 
 Values are printed and parsed so that an observed object compares equal to the rendered one
 from :mod:`noderedirect.model` (``Route``, ``IpRule``, ``IptRule``, ``IpsetSet`` …).
@@ -520,13 +522,22 @@ def _save_tokens(line: str) -> list[str]:
     return shlex.split(line)
 
 
-def parse_ipset_save(text: str, only: Optional[Callable[[str], bool]] = None
+def parse_ipset_save(text: str, only: Optional[Callable[[str], bool]] = None,
+                     known: Optional[dict[str, IpsetEntry]] = None
                      ) -> dict[str, tuple[IpsetSet, list[IpsetEntry]]]:
     """``ipset save`` output -> {name: (set, entries)}. Kernel-only options (bucketsize,
     initval) and options the model does not carry (timeout, counters …) are dropped.
-    ``only(name)`` picks the sets to parse; the members of the others are skipped unsplit."""
+    ``only(name)`` picks the sets to parse; the members of the others are skipped unsplit.
+    ``known`` maps member lines parsed before to their entry (the same line is the same
+    entry); lines parsed now are added to it."""
     sets: dict[str, tuple[IpsetSet, list[IpsetEntry]]] = {}
     for raw in text.splitlines():
+        if known is not None:
+            entry = known.get(raw)
+            if entry is not None:
+                if entry.set in sets:
+                    sets[entry.set][1].append(entry)
+                continue
         if not raw.strip():
             continue
         if only is not None:
@@ -558,7 +569,10 @@ def parse_ipset_save(text: str, only: Optional[Callable[[str], bool]] = None
             if "comment" in toks[3:]:
                 at = toks.index("comment", 3)
                 comment = toks[at + 1] if at + 1 < len(toks) else ""
-            sets[toks[1]][1].append(IpsetEntry(set=toks[1], ip=toks[2], comment=comment))
+            entry = IpsetEntry(set=toks[1], ip=toks[2], comment=comment)
+            sets[toks[1]][1].append(entry)
+            if known is not None:
+                known[raw] = entry
     return sets
 
 
@@ -607,6 +621,10 @@ class Host:
         self._rtnl: Optional[_netlink.Socket] = None      # route dumps / prefix deletes
         self._nfnl: Optional[_netlink.Socket] = None      # ipset listing of one set
         self._ipset: Optional[IPSet] = None               # ipset add / del of one member
+        # what the last reads decoded, keyed by the kernel's own bytes/text: an unchanged route
+        # or member is not decoded again (most of a read's cost at thousands of pods)
+        self._route_memo: dict[tuple[int, int], tuple[dict[int, str], dict[bytes, ObservedRoute]]] = {}
+        self._member_memo: dict[str, IpsetEntry] = {}
 
     def __repr__(self) -> str:
         return f"Host({self.ns.spec!r})"
@@ -872,9 +890,24 @@ class Host:
                 if e.code == errno.ENOENT:     # strict dumps refuse a table that does not exist
                     return []
                 raise
-            raws = [r for r in map(_netlink.decode_route, msgs) if r.table == table]
-            ifnames = dict(socket.if_nameindex()) if any(r.oif for r in raws) else {}
-            return [_route_from_raw(r, family, ifnames) for r in raws]
+            # a route is a function of its message bytes and of the interface names; what the
+            # previous dump of this table decoded is reused while those names are unchanged
+            ifnames = dict(socket.if_nameindex())
+            names_then, before = self._route_memo.get((table, family), (None, {}))
+            if names_then != ifnames:
+                before = {}
+            now: dict[bytes, ObservedRoute] = {}
+            out = []
+            for m in msgs:
+                key = m.data[m.start:m.end]
+                obs = before.get(key)
+                if obs is None:
+                    obs = _route_from_raw(_netlink.decode_route(m), family, ifnames)
+                now[key] = obs
+                if obs.route.table == table:
+                    out.append(obs)
+            self._route_memo[(table, family)] = (ifnames, now)
+            return out
         return self.in_netns(dump)
 
     def routes(self, table: int, family: int = 4) -> list[Route]:
@@ -962,7 +995,12 @@ class Host:
                ) -> dict[str, tuple[IpsetSet, list[IpsetEntry]]]:
         """Every set with its members (one ``ipset save``); ``only(name)`` limits the parsing
         to some sets, so a large foreign set costs its bytes but not a parse."""
-        return parse_ipset_save(self.run(["ipset", "save"]).stdout, only)
+        def read() -> dict[str, tuple[IpsetSet, list[IpsetEntry]]]:
+            text = self.run(["ipset", "save"]).stdout
+            if len(self._member_memo) > 2 * text.count("\n") + 1024:
+                self._member_memo.clear()      # members come and go: keep about what exists
+            return parse_ipset_save(text, only, self._member_memo)
+        return self.in_netns(read)
 
     def _ipset_sock(self) -> IPSet:
         assert self._worker_ident == threading.get_ident(), "IPSet used off the netns thread"

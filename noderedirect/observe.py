@@ -16,7 +16,9 @@ from typing import Iterable, Optional, Sequence
 from . import names
 from .host import (Host, LinkInfo, ObservedIpRule, ObservedRoute, SavedChain, parse_iptables_chains,
                    parse_iptables_save)
-from .model import IpsetEntry, IpsetSet, IptRule, Route, Sysctl
+from .model import IpsetEntry, IpsetSet, IptRule, Link, Route, Sysctl
+from .tunnels import TunnelDriver, _links as tunnel_links_mod
+from .tunnels._kernel import KernelTunnelDriver
 
 log = logging.getLogger(__name__)
 
@@ -121,4 +123,24 @@ def settle_grown_sets(seen: Sequence[IpsetSet], wanted: Sequence[IpsetSet]) -> t
             s = w
         out.append(s)
     return tuple(out)
+
+
+def tunnel_links(driver: TunnelDriver, netns_path: str, links: Sequence[LinkInfo],
+                 wanted: Iterable[str]) -> tuple[Link, ...]:
+    """Our links (wanted or owned by name) in model.Link shape, as ``driver`` sees them.
+
+    A kernel-device driver's ``observe()`` is a function of the link list alone (it reads the
+    links and which tun devices are TAPs, which LinkInfo.tun_mode already says), so the list
+    just read is converted here instead of asking the driver to open its own netlink session
+    and thread (~5 ms per netns and plan). Other drivers (user-space GENEVE looks at its bridge
+    process too) are asked; none is asked when none of the links exists.
+    """
+    wanted = set(wanted)
+    present = sorted(l.name for l in links if l.name in wanted or names.is_owned_link(l.name))
+    if not present:
+        return ()
+    if isinstance(driver, KernelTunnelDriver):
+        by_name = {l.name: l for l in links}
+        return tuple(tunnel_links_mod.to_model(by_name[n], by_name[n].tun_mode == "tap") for n in present)
+    return tuple(driver.observe(netns_path, present))
 
