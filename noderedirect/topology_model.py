@@ -28,6 +28,14 @@ A second node (``--two-node``, legacy-mode.md §5.1) is the same build from valu
 topology the node netns are named after the nodes (``node-1``, ``node-2``) and the ztunnels
 ``ztunnel-1``, ``ztunnel-2``.
 
+A **live** node (``trace --from netns``, :func:`apply_live`) replaces the traced node's netns
+and its ztunnel's with what :mod:`noderedirect.trace_live` read from the kernel: every iptables
+rule (foreign ones too), ip rules, the routes of every table a rule looks up (the main and local
+tables included), ipset members, links and ``ip_forward``. The wiring is derived from the live
+main table: a pod's veth is the device of its ``<podIP>/32`` route, the ztunnel's veth the device
+of the ``<ztunnelIP>/32`` route, the uplink the device holding the InternalIP. The pods, the
+external host, ztunnel's listeners and the values (names, roles) stay the model's.
+
 Not modelled (documented, because a reader may expect them): rp_filter (every design here sets
 it to 0), ARP beyond "the next hop is an address of the peer", MTU, kube-proxy (no KUBE-*
 chains: the nat/filter ACCEPT rules are inert, as in the lab), IPv6.
@@ -38,6 +46,7 @@ Pure: values in, frozen values out.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Optional
@@ -45,6 +54,7 @@ from typing import Optional
 from . import desired, names
 from .model import IpRule, IptRule, Link, NetnsState, Pod, Rendered, Route, Values
 from . import values as values_mod
+from .trace_rules import TraceError
 
 TABLE_MAIN = 254
 TABLE_LOCAL = 255
@@ -120,6 +130,10 @@ class NetnsModel:
     forwarding: bool = False
     mesh: bool = False                       # an enrolled (ambient) pod
     ip: Optional[str] = None                 # the pod's / host's own address
+    # a live netns (trace --from netns): ip rules and the local table are the kernel's, complete
+    live: Optional[str] = None               # the netns it was read from
+    chains: tuple[tuple[str, str], ...] = ()     # every declared (table, chain), empty ones too
+    rule_reference: Optional[tuple[IptRule, ...]] = None   # the rendered rules, for rule ids
 
     def iface(self, name: str) -> Iface:
         for i in self.ifaces:
@@ -142,6 +156,8 @@ class Topology:
     netns: tuple[NetnsModel, ...]
     nodes: tuple[str, ...]                   # node netns names, first = the traced node
     node_values: tuple[Values, ...] = field(default=(), compare=False, repr=False)
+    notes: tuple[str, ...] = ()              # what the trace output should say about the machines
+    lenient: bool = False                    # live rules outside the vocabulary: skip, do not fail
 
     def get(self, name: str) -> NetnsModel:
         for ns in self.netns:
@@ -368,6 +384,129 @@ def _external(spec: tuple[str, str], all_values: tuple[Values, ...]) -> NetnsMod
                       listeners=(Listener(port=APP_PORT, name="test server", owner="app"),), ip=ip)
 
 
+# ---------------------------------------------------------------- a live node (trace --from netns)
+
+
+@dataclass(frozen=True)
+class LiveState:
+    """One netns as the kernel holds it, in the rendered state's shape (read by
+    :func:`noderedirect.trace_live.read`). ``state.links`` are model.Link values: a tunnel link
+    with its VNI/remote/port, any other link with its kind and addresses (comma-joined).
+    ``unsupported``: ip rules and routes the tracer cannot interpret, as the kernel shows them."""
+
+    netns: str
+    state: NetnsState
+    chains: tuple[tuple[str, str], ...] = ()
+    unsupported: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Live:
+    """The live side of a trace: the traced node's netns, and its ztunnel's (legacy mode)."""
+
+    node: LiveState
+    ztunnel: Optional[LiveState] = None
+    lenient: bool = False
+
+
+def apply_live(topo: Topology, live: Live) -> Topology:
+    """``topo`` with its first node (and that node's ztunnel) replaced by the live state.
+
+    Objects the tracer cannot interpret raise :class:`TraceError` naming the first one, unless
+    ``live.lenient``: then they are left out and the trace notes say so."""
+    problems = list(live.node.unsupported) + list(live.ztunnel.unsupported if live.ztunnel else ())
+    if problems and not live.lenient:
+        raise TraceError(f"{problems[0]}: the tracer cannot interpret it (--lenient leaves it out "
+                         "with a note)")
+    node_name = topo.nodes[0]
+    n = topo.node_values[0].node
+    node_model = topo.get(node_name)
+    zt_model = topo.ztunnel_of(node_name)
+    pods = [ns for ns in topo.netns if ns.kind == "pod" and ns.node == node_name]
+    node_main = _main_routes(live.node.state)
+    notes = [f"{node_name}: live state of netns {live.node.netns}"]
+    # the ztunnel's side of its veth: where it sends to HostIP (else its default route)
+    zt_if = n.ztunnel_if
+    if live.ztunnel is not None:
+        zt_main = _main_routes(live.ztunnel.state)
+        zt_if = _dev_to(zt_main, n.host_ip) or zt_if
+        notes.append(f"{zt_model.name}: live state of netns {live.ztunnel.netns}")
+    zt_veth = _dev_to(node_main, n.ztunnel_ip) or n.ztunnel_veth
+    peers = {zt_veth: (zt_model.name, zt_if)}
+    pod_dev: dict[str, str] = {}
+    for pod in pods:
+        dev = _dev_to(node_main, pod.ip)
+        if dev is None:
+            notes.append(f"pod {pod.name} {pod.ip}: no {pod.ip}/32 route in the main table of "
+                         f"netns {live.node.netns}")
+            continue
+        pod_dev[pod.name] = dev
+        peers.setdefault(dev, (pod.name, "eth0"))
+    uplink = next((l.name for l in live.node.state.links
+                   if n.internal_ip in _link_ips(l)), None)
+    models = {node_name: _live_model(node_model, live.node, peers, uplink)}
+    if live.ztunnel is not None:
+        models[zt_model.name] = _live_model(zt_model, live.ztunnel, {zt_if: (node_name, zt_veth)}, None)
+    for pod in pods:
+        if pod.name in pod_dev:
+            eth0 = dataclasses.replace(pod.iface("eth0"), peer=(node_name, pod_dev[pod.name]))
+            models[pod.name] = dataclasses.replace(
+                pod, ifaces=tuple(eth0 if i.name == "eth0" else i for i in pod.ifaces))
+    notes += list(live.node.notes) + list(live.ztunnel.notes if live.ztunnel else ())
+    notes += [f"{p}: not interpreted, left out (--lenient)" for p in problems]
+    return dataclasses.replace(topo, netns=tuple(models.get(ns.name, ns) for ns in topo.netns),
+                               notes=topo.notes + tuple(notes), lenient=live.lenient)
+
+
+def _main_routes(state: NetnsState) -> list[Route]:
+    return [r for r in state.routes if r.table == TABLE_MAIN and r.family == 4]
+
+
+def _dev_to(routes: list[Route], ip: str) -> Optional[str]:
+    """The device of the ``ip/32`` route (kind/ptp wiring: one per pod, and HostIP in a pod)."""
+    return next((r.dev for r in routes if r.dst == f"{ip}/32" and r.dev and r.type == "unicast"), None)
+
+
+def _link_ips(link: Link) -> tuple[str, ...]:
+    return tuple(a.split("/")[0] for a in link.address.split(",") if a)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _live_model(model: NetnsModel, live: LiveState, peers: dict[str, tuple[str, str]],
+                uplink: Optional[str]) -> NetnsModel:
+    """``model`` with the kernel's objects: the values-derived roles (kind, listeners, address)
+    stay, the links become interfaces wired by ``peers`` (device -> (netns, device))."""
+    st = live.state
+    ifaces = []
+    for link in st.links:
+        addrs = tuple(a for a in link.address.split(",") if a)
+        if link.kind == "loopback":
+            ifaces.append(Iface(link.name, addrs, "lo"))
+        elif names.is_owned_link(link.name) and _is_ip(link.remote):
+            ifaces.append(Iface(link.name, addrs, "tunnel", link=link))
+        elif link.name in peers:
+            ifaces.append(Iface(link.name, addrs, "veth", peer=peers[link.name]))
+        elif link.name == uplink:
+            ifaces.append(Iface(link.name, addrs, "segment", segment=NODE_SEGMENT))
+        else:   # not part of the model: a segment of its own, where nobody answers
+            ifaces.append(Iface(link.name, addrs, "segment", segment=f"{link.name} of {live.netns}"))
+    forwarding = any(s.key.replace("/", ".") == "net.ipv4.ip_forward" and s.value == "1" for s in st.sysctls)
+    return dataclasses.replace(
+        model, ifaces=tuple(ifaces), routes=tuple(r for r in st.routes if r.family == 4),
+        ip_rules=tuple(r for r in st.ip_rules if r.family == 4), iptables=st.rules_for(4),
+        ipsets=tuple(s.name for s in st.ipsets),
+        ipset_members=tuple((e.set, e.ip) for e in st.ipset_entries), forwarding=forwarding,
+        live=live.netns, chains=live.chains, rule_reference=model.iptables)
+
+
 # ---------------------------------------------------------------- named scenarios (kernel-notes.md §11)
 
 
@@ -415,6 +554,8 @@ def scenario(name_or_number: str) -> Scenario:
     raise KeyError(f"unknown scenario {name_or_number!r} (known: {', '.join(s.name for s in SCENARIOS)})")
 
 
-def topology_for(values: Values, mode: str, sc: Optional[Scenario] = None, rules=None) -> Topology:
+def topology_for(values: Values, mode: str, sc: Optional[Scenario] = None, rules=None,
+                 live: Optional[Live] = None) -> Topology:
     peers = (second_node_values(values),) if sc is not None and sc.two_node else ()
-    return build(values, mode, peers=peers, rules=rules)
+    topo = build(values, mode, peers=peers, rules=rules)
+    return apply_live(topo, live) if live is not None else topo

@@ -24,7 +24,10 @@ netns it crosses, in the kernel's order:
 
 What ztunnel does between legs (accept on 15001/15006/15008, then connect upstream, with the
 original source) is :class:`ZtunnelModel`; the machines are :mod:`noderedirect.topology_model`;
-the rules are interpreted by :mod:`noderedirect.trace_rules`. Nothing here does I/O.
+the rules are interpreted by :mod:`noderedirect.trace_rules`. Nothing here does I/O: a live
+node (``trace --from netns``) is read by :mod:`noderedirect.trace_live` and arrives here as a
+topology whose node netns carry the kernel's objects (complete ip rule list, the kernel's local
+table, foreign rules; with ``lenient``, rules outside the vocabulary show as warning hops).
 
 Each hop records netns, stage ("mangle PREROUTING", "routing", "veth", "tunnel", "socket" …),
 chain, rule id, verdict, mark before/after, ctmark, the routing decision, the tunnel crossing
@@ -488,7 +491,10 @@ class Walker:
         self.members: dict[str, frozenset] = {}
         for ns in topo.netns:
             self.members[ns.name] = frozenset(ns.ipset_members)
-            self.rules[ns.name] = compile_rules(ns.name, ns.rule_role, ns.iptables, frozenset(ns.ipsets))
+            label = f"{ns.name} ({ns.live})" if ns.live else ns.name
+            self.rules[ns.name] = compile_rules(label, ns.rule_role, ns.iptables, frozenset(ns.ipsets),
+                                                declared=ns.chains, reference=ns.rule_reference,
+                                                lenient=topo.lenient)
         self.conntrack: dict[str, list[CtEntry]] = {ns.name: [] for ns in topo.netns}
         self.sockets: dict[str, list[Sock]] = {ns.name: [] for ns in topo.netns}
         for ns in topo.netns:
@@ -511,6 +517,9 @@ class Walker:
 
     # -- routing
     def _rules(self, ns: NetnsModel) -> list[IpRule]:
+        if ns.live:   # the kernel's list is complete: 0, 32766 and 32767 are there unless deleted
+            # in the kernel's order (rules of equal priority: as inserted)
+            return sorted((r for r in ns.ip_rules if r.family == 4), key=lambda r: r.priority)
         rules = [IpRule(priority=0, action="lookup", table=TABLE_LOCAL)]
         rules += sorted(r for r in ns.ip_rules if r.family == 4)
         if not any(r.priority == names.PRIO_MAIN for r in ns.ip_rules):
@@ -519,6 +528,8 @@ class Walker:
         return rules
 
     def _table(self, ns: NetnsModel, table: int) -> list[Route]:
+        if table == TABLE_LOCAL and ns.live:
+            return [r for r in ns.routes if r.table == TABLE_LOCAL and r.type == "local" and r.family == 4]
         if table == TABLE_LOCAL:
             out = []
             for iface in ns.ifaces:
@@ -550,7 +561,8 @@ class Walker:
                 continue
             if r.action == "goto":
                 target = next((j for j, x in enumerate(rules) if x.priority == r.goto), None)
-                tried.append(f"{r.priority}: goto {r.goto}")
+                tried.append(f"{r.priority}: goto {r.goto}" + ("" if target is not None else
+                                                                 " (no such rule: skipped)"))
                 i = target if target is not None else i + 1
                 continue
             best: Optional[Route] = None
@@ -640,6 +652,12 @@ class Walker:
         if depth > 16:
             raise TraceError(f"netns {ns.name}: chain recursion in {table} {chain}")
         for rule in rs.chain(table, chain):
+            if rule.skipped is not None:
+                self.emit(ns.name, f"{table} {hook}", chain=rule.chain, rule_text=rule.text,
+                          verdict="skipped", mark_before=pkt.mark, mark_after=pkt.mark,
+                          packet=pkt.show(), note=f"warning: {rule.rid} not interpreted ({rule.skipped}), "
+                                                  f"treated as non-matching: {rule.text}")
+                continue
             view = _View(ns, pkt, oif, self.members[ns.name])
             if not rule.matches_view(view):
                 continue
@@ -1158,15 +1176,17 @@ def trace(topo: Topology, src: str, dst: str, dport: int, proto: str = "tcp",
                   if not any(h.rule == k[1] and h.netns == k[0] for leg in legs for p in leg.packets
                              for h in p.hops)}
     return Trace(mode=topo.mode, version=topo.version, request=request, legs=legs, scenario=scenario,
-                 notes=notes, topology=topo, incidental=incidental)
+                 notes=list(topo.notes) + notes, topology=topo, incidental=incidental)
 
 
 def trace_scenario(values, mode: str, name: str, rules=None,
-                   zt: ZtunnelModel = ZtunnelModel()) -> Trace:
-    """One of the named lab scenarios (:data:`topology_model.SCENARIOS`)."""
+                   zt: ZtunnelModel = ZtunnelModel(), live=None) -> Trace:
+    """One of the named lab scenarios (:data:`topology_model.SCENARIOS`); ``live``
+    (:class:`topology_model.Live`): on the kernel's state of the traced node instead of the
+    rendered one."""
     from .topology_model import scenario as find, topology_for
     sc = find(name)
-    topo = topology_for(values, mode, sc, rules=rules)
+    topo = topology_for(values, mode, sc, rules=rules, live=live)
     server = topo.get(sc.server)
     src = sc.src or topo.get(sc.client).ip
     return trace(topo, src, server.ip, sc.port, scenario=f"{sc.number} {sc.name}", zt=zt)

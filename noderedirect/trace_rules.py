@@ -9,15 +9,21 @@ Owns the interpreter for exactly the iptables vocabulary the rule files use, not
   from a local socket), ``-m conntrack --ctstate NEW,ESTABLISHED,RELATED``;
 - targets: a user chain, ``RETURN``, ``ACCEPT``, ``DROP``, ``MARK --set-xmark|--set-mark``,
   ``CONNMARK --set-xmark|--save-mark|--restore-mark [--nfmask] [--ctmask]``, ``TPROXY``,
-  ``REDIRECT``, ``DNAT``, ``SNAT``, ``CT --zone``.
+  ``REDIRECT``, ``DNAT``, ``SNAT``, ``CT --zone``;
+- ``-m comment --comment TEXT`` (quoted as iptables-save prints it) matches everything: the
+  rules of other programs (kube-proxy, CNIs) carry it, and a live trace reads those too.
 
 Anything else raises :class:`TraceError` naming the rule, so a template that grows a new match
-can never be traced silently wrong.
+can never be traced silently wrong. Live rules (``trace --from netns``) may instead be compiled
+``lenient``: a rule outside the vocabulary is kept as never matching, with the reason, and the
+walker shows a warning hop wherever it skips it.
 
 Rule ids follow :data:`noderedirect.nft.RULE_IDS` (P1-P15, F1-F2, I1-I2, O1, N1-N2, NP1, FF1,
 Z1-Z4: the position of the rule in its chain, jumps from built-in chains not counted). The
 in-pod chains have no ids upstream; here they are numbered the same way with the prefixes of
-:data:`INPOD_RULE_IDS` (e.g. ``NOUT4`` = the 4th rule of nat ``ISTIO_OUTPUT``).
+:data:`INPOD_RULE_IDS` (e.g. ``NOUT4`` = the 4th rule of nat ``ISTIO_OUTPUT``). Live rules are
+lined up with the rendered ones instead (:func:`compile_rules` ``reference``), so a deleted or
+inserted rule does not renumber its neighbours.
 
 Kernel semantics used (include/uapi/linux/netfilter/xt_*.h and the targets' sources):
 ``MARK --set-xmark V/M``: ``mark = (mark & ~M) ^ V``; ``CONNMARK --save-mark``:
@@ -27,9 +33,11 @@ Kernel semantics used (include/uapi/linux/netfilter/xt_*.h and the targets' sour
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import shlex
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 from . import names
 from .model import IptRule
@@ -132,9 +140,10 @@ class CompiledRule:
     matches: tuple[Match, ...]
     target: Target
     is_hook: bool
+    skipped: Optional[str] = None  # lenient: why the rule could not be read (it never matches)
 
     def matches_view(self, view: View) -> bool:
-        return all(m.test(view) for m in self.matches)
+        return self.skipped is None and all(m.test(view) for m in self.matches)
 
     @property
     def match_short(self) -> str:
@@ -161,15 +170,26 @@ class Ruleset:
 class _Parser:
     def __init__(self, rule: IptRule, netns: str, sets: frozenset[str], chains: set[str]):
         self.rule, self.netns, self.sets, self.chains = rule, netns, sets, chains
-        self.toks = rule.args.split()
+        self.toks = self._tokens(rule.args)
         self.i = 0
         self.matches: list[Match] = []
         self.proto: Optional[str] = None
         self.module: Optional[str] = None
 
+    def _tokens(self, args: str) -> list[str]:
+        # iptables-save double-quotes a comment with spaces; nothing else in the vocabulary is quoted
+        if '"' not in args:
+            return args.split()
+        try:
+            return shlex.split(args)
+        except ValueError:
+            raise self.fail("unbalanced quotes") from None
+
     def fail(self, msg: str) -> TraceError:
-        return TraceError(f"netns {self.netns}: cannot interpret -t {self.rule.table} -A {self.rule.chain} "
-                          f"{self.rule.args}: {msg}")
+        err = TraceError(f"netns {self.netns}: cannot interpret -t {self.rule.table} -A {self.rule.chain} "
+                         f"{self.rule.args}: {msg}")
+        err.reason = msg      # what a lenient compile keeps next to the skipped rule
+        return err
 
     def take(self, what: str) -> str:
         if self.i >= len(self.toks):
@@ -233,7 +253,7 @@ class _Parser:
             self.add(proto, lambda v: v.proto == proto, False)
         elif tok == "-m":
             mod = self.take("module")
-            if mod not in ("tcp", "udp", "mark", "connmark", "set", "owner", "conntrack"):
+            if mod not in ("tcp", "udp", "mark", "connmark", "set", "owner", "conntrack", "comment"):
                 raise self.fail(f"match module {mod!r} is not interpreted")
             if mod in ("tcp", "udp") and self.proto != mod:
                 raise self.fail(f"-m {mod} without -p {mod}")
@@ -260,6 +280,8 @@ class _Parser:
             self.add(f"{flag} ∈ {name}", lambda v: v.in_set(name, getattr(v, flag)), neg)
         elif tok == "--socket-exists" and self.module == "owner":
             self.add("local socket", lambda v: v.local_origin, neg)
+        elif tok == "--comment" and self.module == "comment":
+            self.take("comment")     # a label, not a match: it never changes the verdict
         elif tok == "--ctstate" and self.module == "conntrack":
             states = frozenset(self.take("states").split(","))
             if not states <= CT_STATES:
@@ -372,34 +394,77 @@ def rule_prefix(role: str, table: str, chain: str) -> Optional[str]:
     return RULE_IDS.get((role, table, chain)) or INPOD_RULE_IDS.get((role, table, chain))
 
 
-def compile_rules(netns: str, role: str, rules: tuple[IptRule, ...],
-                  sets: frozenset[str]) -> Ruleset:
-    """Compile every rule of one netns; raises TraceError on the first rule it cannot read."""
+def _positional_ids(role: str, table: str, chain: str, body: list[IptRule]) -> list[str]:
+    """The rendered numbering: the position in the chain, jumps from built-in chains not counted."""
+    builtin = chain in names.BUILTIN_CHAINS.get(table, ())
+    prefix = rule_prefix(role, table, chain)
+    ids = []
+    position = 0
+    for r in body:
+        if builtin and r.is_hook:
+            ids.append(HOOK_ID)
+            continue
+        position += 1
+        ids.append(f"{prefix}{position}" if prefix else f"{table}/{chain}#{position}")
+    return ids
+
+
+def _aligned_ids(role: str, table: str, chain: str, body: list[IptRule],
+                 reference: list[IptRule]) -> list[str]:
+    """Ids for a live chain: a rule lined up with a rendered rule of the same text (longest
+    common subsequence, so P7/P11/P14, which share their text, keep their places) takes its id;
+    any other rule is named by its line number (``iptables -L --line-numbers``)."""
+    builtin = chain in names.BUILTIN_CHAINS.get(table, ())
+    ref_ids = _positional_ids(role, table, chain, reference)
+    ids = [HOOK_ID if builtin and r.is_hook else f"{table}/{chain}#{n}" for n, r in enumerate(body, start=1)]
+    matcher = difflib.SequenceMatcher(None, [r.args for r in reference], [r.args for r in body],
+                                      autojunk=False)
+    for block in matcher.get_matching_blocks():
+        for k in range(block.size):
+            ids[block.b + k] = ref_ids[block.a + k]
+    return ids
+
+
+def compile_rules(netns: str, role: str, rules: tuple[IptRule, ...], sets: frozenset[str], *,
+                  declared: Iterable[tuple[str, str]] = (),
+                  reference: Optional[tuple[IptRule, ...]] = None,
+                  lenient: bool = False) -> Ruleset:
+    """Compile every rule of one netns; raises TraceError on the first rule it cannot read.
+
+    ``declared``: every (table, chain) that exists, rules or not (a live netns: an empty
+    foreign chain is still a jump target). ``reference``: the rendered rules of this netns, for
+    live rules: ids come from lining each chain up with its rendered twin. ``lenient``: a rule
+    outside the vocabulary is kept, never matching, with ``skipped`` saying why.
+    """
     if any(r.family != 4 for r in rules):
         raise TraceError(f"netns {netns}: IPv6 rules are not traced")
     bodies = chain_bodies(rules)
     chains_by_table: dict[str, set[str]] = {}
-    for (table, chain) in bodies:
+    for (table, chain) in list(bodies) + list(declared):
         chains_by_table.setdefault(table, set()).add(chain)
     for r in rules:   # a jump target with no rules still exists (e.g. mangle ztunnel-POSTROUTING)
         t = r.target
         if t and names.is_owned_chain(t):
             chains_by_table.setdefault(r.table, set()).add(t)
+    ref_bodies = chain_bodies(reference) if reference is not None else {}
     out: dict[tuple[str, str], tuple[CompiledRule, ...]] = {}
     for (table, chain), body in bodies.items():
         builtin = chain in names.BUILTIN_CHAINS.get(table, ())
-        prefix = rule_prefix(role, table, chain)
+        if reference is None:
+            ids = _positional_ids(role, table, chain, body)
+        else:
+            ids = _aligned_ids(role, table, chain, body, ref_bodies.get((table, chain), []))
         compiled = []
-        position = 0
-        for r in body:
-            matches, target = _Parser(r, netns, sets, chains_by_table.get(table, set())).parse()
-            hook = builtin and r.is_hook
-            if hook:
-                rid = HOOK_ID
-            else:
-                position += 1
-                rid = f"{prefix}{position}" if prefix else f"{table}/{chain}#{position}"
+        for r, rid in zip(body, ids):
+            skipped = None
+            try:
+                matches, target = _Parser(r, netns, sets, chains_by_table.get(table, set())).parse()
+            except TraceError as e:
+                if not lenient:
+                    raise
+                matches, target, skipped = (), Target("RETURN"), getattr(e, "reason", str(e))
             compiled.append(CompiledRule(rid=rid, table=table, chain=chain, text=r.save_line(),
-                                         matches=matches, target=target, is_hook=hook))
+                                         matches=matches, target=target,
+                                         is_hook=builtin and r.is_hook, skipped=skipped))
         out[(table, chain)] = tuple(compiled)
     return Ruleset(netns=netns, chains=out)

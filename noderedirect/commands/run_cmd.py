@@ -14,6 +14,8 @@ import time
 from .. import values as values_mod
 
 NETNS_HELP = "a name under /var/run/netns, or a path such as /proc/PID/ns/net"
+# what the engine can program (apply.BACKENDS less the "iptables-nft" alias of "iptables")
+RUN_BACKENDS = ("iptables", "iptables-legacy", "nft")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,8 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the ztunnel's host-side interface (default: the main-table /32 route's device)")
     k.add_argument("--proc-root", default="/proc", metavar="DIR",
                    help="where the host's /proc is mounted (default /proc; the DaemonSet uses /host/proc)")
-    k.add_argument("--backend", choices=("iptables", "iptables-legacy"), default="iptables",
-                   help="iptables (nft-based, default) or iptables-legacy: match what kube-proxy uses")
+    k.add_argument("--backend", choices=RUN_BACKENDS, default="iptables",
+                   help="iptables (nft-based, default) or iptables-legacy: match what kube-proxy "
+                        "uses; or nft: the design as one native nftables table per netns, no ipset "
+                        "and no iptables (docs/nft.md)")
     k.add_argument("--tunnel", choices=("auto", "geneve", "usergeneve", "vxlan"), default="auto",
                    help="tunnel driver (auto = kernel geneve when available, else usergeneve)")
 

@@ -1,4 +1,4 @@
-"""``noderedirect trace``: walk a packet through the rendered rules (pure, no kernel access)."""
+"""``noderedirect trace``: walk a packet through the rendered rules, or a live node's (``--from netns``)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from typing import Optional
 
 from ..cli import UsageError
 from ..model import Values
-from ..topology_model import SCENARIOS, TopologyError, build, lab_values, second_node_values
+from ..topology_model import (SCENARIOS, Live, TopologyError, apply_live, build, lab_values,
+                              second_node_values)
 from ..trace import PACKET_KINDS, Trace, TraceError, ZtunnelModel, trace, trace_scenario
 from .common import add_values_args, load_values
 
-EXIT_NOT_IMPLEMENTED = 2
+LIVE_BACKENDS = ("iptables", "iptables-legacy", "nft")
 
 
 def add_walk_args(p: argparse.ArgumentParser) -> None:
@@ -37,18 +38,35 @@ def add_walk_args(p: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "trace", help="walk a packet through the rendered rules, hop by hop",
+        "trace", help="walk a packet through the rendered (or live) rules, hop by hop",
         description="Simulate a connection through the rendered rules of a node (and its ztunnel "
                     "pod, or the pods in in-pod mode): every matching rule in order, mark and "
                     "connmark changes, ip rules and route tables, the output device, the GENEVE "
                     "crossing and the socket that receives it — for the first packet, the reply "
-                    "and a later packet. Pure: nothing is read from or written to a kernel. "
+                    "and a later packet. By default nothing is read from or written to a kernel. "
+                    "With --from netns NS the node's iptables rules (all of them, other programs' "
+                    "too), ip rules, routes (tables 100-102, main, local and any table a rule looks "
+                    "up), ipset members, links and ip_forward are read live from that netns, and "
+                    "the ztunnel pod's from --ztunnel-netns (read-only): the walk then shows what "
+                    "the kernel holds now, drift included. Pods, the external host and ztunnel's "
+                    "listeners stay the model's; the values file names them. "
                     "Without --values the project's address plan is used.")
     add_walk_args(p)
     p.add_argument("--mode", choices=("legacy", "inpod"), default="legacy")
     p.add_argument("--from", dest="source", nargs="+", metavar="SOURCE", default=["rendered"],
-                   help="where the rules come from: 'rendered' (default) or 'netns NS' (live rules; "
-                        "not implemented yet)")
+                   help="where the node's state comes from: 'rendered' (default: the values file "
+                        "rendered) or 'netns NS' (the live netns NS, a name under /var/run/netns or "
+                        "a path such as /proc/PID/ns/net)")
+    live = p.add_argument_group("--from netns")
+    live.add_argument("--ztunnel-netns", metavar="NS",
+                      help="the ztunnel pod's netns, read live too (required in legacy mode)")
+    live.add_argument("--backend", choices=LIVE_BACKENDS, default=None,
+                      help="which rules to read: iptables (nft-based, default) or iptables-legacy; "
+                           "the native nft backend cannot be read yet")
+    live.add_argument("--lenient", action="store_true",
+                      help="a live rule, ip rule or route the tracer cannot interpret (another "
+                           "program's) is treated as non-matching, with a warning hop or note, "
+                           "instead of stopping the trace")
     p.add_argument("--output", "-o", choices=("text", "json"), default="text")
     p.add_argument("--list-scenarios", action="store_true", help="list the named scenarios and exit")
     p.set_defaults(func=run_trace)
@@ -74,7 +92,33 @@ def values_for(args: argparse.Namespace) -> Values:
                       inpod_version=getattr(args, "inpod_version", None))
 
 
-def walk(args: argparse.Namespace, mode: str) -> Trace:
+def read_live(args: argparse.Namespace, mode: str) -> Optional[Live]:
+    """The live state ``--from netns NS`` asks for (None for ``--from rendered``)."""
+    source = args.source
+    if source == ["rendered"]:
+        given = [o for o, v in (("--ztunnel-netns", args.ztunnel_netns), ("--backend", args.backend),
+                                ("--lenient", args.lenient)) if v]
+        if given:
+            raise UsageError(f"{', '.join(given)}: only with --from netns NS")
+        return None
+    if source[0] != "netns":
+        raise UsageError(f"--from {' '.join(source)}: expected 'rendered' or 'netns NS'")
+    if len(source) != 2:
+        raise UsageError("--from netns needs the netns name: --from netns NS")
+    backend = args.backend or "iptables"
+    if backend == "nft":
+        raise UsageError("--backend nft is not supported for --from netns yet: it reads the rules "
+                         "of the iptables and iptables-legacy backends only")
+    if mode == "legacy" and not args.ztunnel_netns:
+        raise UsageError("--from netns in legacy mode needs --ztunnel-netns NS (the ztunnel pod's "
+                         "netns holds the receiving half of the design)")
+    from ..trace_live import read
+    node = read(source[1], "node", backend)
+    zt = read(args.ztunnel_netns, "ztunnel", backend) if args.ztunnel_netns else None
+    return Live(node=node, ztunnel=zt, lenient=args.lenient)
+
+
+def walk(args: argparse.Namespace, mode: str, live: Optional[Live] = None) -> Trace:
     """The trace the arguments ask for (all packets; ``--packet`` is applied by the caller)."""
     vals = values_for(args)
     zt = ZtunnelModel(original_source=not args.no_original_source)
@@ -82,7 +126,7 @@ def walk(args: argparse.Namespace, mode: str) -> Trace:
         if args.scenario:
             if args.src or args.dst:
                 raise UsageError("--scenario cannot be combined with --src/--dst")
-            return trace_scenario(vals, mode, args.scenario, rules=args.rules, zt=zt)
+            return trace_scenario(vals, mode, args.scenario, rules=args.rules, zt=zt, live=live)
         if not (args.src and args.dst):
             raise UsageError("give --scenario NAME, or both --src and --dst")
         src, sport = parse_endpoint(args.src, "--src", 40000)
@@ -93,9 +137,14 @@ def walk(args: argparse.Namespace, mode: str) -> Trace:
             raise UsageError(f"--dst {args.dst!r}: {dst!r} is not an IPv4 address") from None
         peers = (second_node_values(vals),) if args.two_node else ()
         topo = build(vals, mode, peers=peers, rules=args.rules)
+        if live is not None:
+            topo = apply_live(topo, live)
         return trace(topo, src, dst, dport, proto=args.proto, sport=sport, zt=zt)
     except (TraceError, TopologyError, KeyError) as e:
-        raise UsageError(str(e).strip('"')) from None
+        hint = ""
+        if live is not None and not live.lenient and getattr(e, "reason", None):
+            hint = " (--lenient treats it as non-matching)"
+        raise UsageError(str(e).strip('"') + hint) from None
 
 
 def selected(t: Trace, packet: str) -> Trace:
@@ -108,15 +157,8 @@ def run_trace(args: argparse.Namespace) -> int:
             src = f" (source {s.src})" if s.src else ""
             print(f"{s.number:>2}  {s.name:<26} {s.client} → {s.server}:{s.port}{src} — {s.summary}")
         return 0
-    if args.source[0] == "netns":
-        if len(args.source) != 2:
-            raise UsageError("--from netns needs the netns name: --from netns NS")
-        print("noderedirect: trace --from netns is not implemented yet: it will read the live rules "
-              f"of netns {args.source[1]}; use --from rendered (the default)", file=sys.stderr)
-        return EXIT_NOT_IMPLEMENTED
-    if args.source != ["rendered"]:
-        raise UsageError(f"--from {' '.join(args.source)}: expected 'rendered' or 'netns NS'")
-    t = selected(walk(args, args.mode), args.packet)
+    live = read_live(args, args.mode)
+    t = selected(walk(args, args.mode, live), args.packet)
     if args.output == "json":
         json.dump(t.to_json(), sys.stdout, indent=2, ensure_ascii=False)
         print()

@@ -4,7 +4,8 @@ The tracer walks the rules rendered from the lab's own values files (pure); the 
 same request through the real kernel and reports what moved (:mod:`noderedirect.lab.paths`).
 They must agree on:
 
-- which of our rules matched (rule counters; RETURN rules included), per netns;
+- which of our rules matched (rule counters; RETURN rules included, also P7, P11 and P14, which
+  share their text and are told apart by their position in the chain), per netns;
 - the stand-in ztunnel's listener and the original destination it logged;
 - whether TCP went into istioin/istioout at all;
 - the client address the server saw, and the ctmark of the client's connection on the node.
@@ -49,27 +50,6 @@ def observed_rules(t) -> dict[str, set[str]]:
     return out
 
 
-def ambiguous(topo, netns_map, backend: str) -> set[tuple[str, str]]:
-    """Rules whose counters the lab cannot attribute: with the iptables backends it reads
-    counters by rule text, and in mangle ztunnel-PREROUTING P7, P11 and P14 share theirs
-    (``-m mark --mark 0x200/0x200 -j RETURN``), so only one of them is ever reported. The nft
-    backend names every rule in a comment: nothing is ambiguous there."""
-    from noderedirect.trace_rules import compile_rules
-    out: set[tuple[str, str]] = set()
-    if backend == "nft":
-        return out
-    for ns in topo.netns:
-        if not ns.iptables:
-            continue
-        by_text: dict[tuple[str, str, str], list[str]] = {}
-        for r in compile_rules(ns.name, ns.rule_role, ns.iptables, frozenset(ns.ipsets)).all_rules():
-            by_text.setdefault((r.table, r.chain, r.text), []).append(r.rid)
-        for ids in by_text.values():
-            if len(ids) > 1:
-                out |= {(netns_map.get(ns.name, ns.name), rid) for rid in ids}
-    return out
-
-
 def predicted_client_ctmark(pred, node_ns: str):
     marks = [h.ctmark for p in pred.legs[0].packets for h in p.hops
              if h.netns == node_ns and h.ctmark is not None]
@@ -110,7 +90,7 @@ def test_prediction_agrees_with_the_lab(lab, sc):
     diffs = compare(pred, observed_rules(obs), listener=first.listener if first else None,
                     orig_dst=first.orig_dst if first else None,
                     tunnel_tcp={("node-1", d): n for d, n in obs.tunnel_tcp(1).items()},
-                    netns_map=NETNS_MAP, ignore=ambiguous(topo, NETNS_MAP, lab.lab.backend))
+                    netns_map=NETNS_MAP)
     report = "\n".join(map(str, diffs)) + "\n--- predicted\n" + pred.to_text() + "--- observed\n" + \
         "\n".join(obs.hops())
     assert diffs == [], report
@@ -135,8 +115,7 @@ def test_cross_node_prediction_agrees_with_a_two_node_lab(make_lab):
         obs = paths.trace_request(rec, "sleep", "httpbin-2", 8000, timeout=10)
         diffs = compare(pred, observed_rules(obs), listener=obs.legs[0].listener,
                         orig_dst=obs.legs[0].orig_dst,
-                        tunnel_tcp={(f"node-{k}", d): n for k in (1, 2) for d, n in obs.tunnel_tcp(k).items()},
-                        ignore=ambiguous(topo, {}, rec.lab.backend))
+                        tunnel_tcp={(f"node-{k}", d): n for k in (1, 2) for d, n in obs.tunnel_tcp(k).items()})
         report = "\n".join(map(str, diffs)) + "\n" + pred.to_text() + "\n".join(obs.hops())
         assert diffs == [], report
         # the stand-in chains through both ztunnels: 15001 on node 1, 15006 on node 2

@@ -670,7 +670,18 @@ def test_trace_command_values_file_and_era():
 
 def test_trace_command_errors():
     rc, _, err = cli("trace", "--from", "netns", "nr-x", "--scenario", "1")
-    assert rc == 2 and "--from netns is not implemented yet" in err
+    assert rc == 2 and err == ("noderedirect: --from netns in legacy mode needs --ztunnel-netns NS "
+                               "(the ztunnel pod's netns holds the receiving half of the design)\n")
+    rc, _, err = cli("trace", "--from", "netns", "nr-x", "--ztunnel-netns", "nr-y", "--backend", "nft",
+                     "--scenario", "1")
+    assert rc == 2 and err.startswith("noderedirect: --backend nft is not supported for --from netns yet")
+    assert err.count("\n") == 1
+    rc, _, err = cli("trace", "--from", "netns", "--scenario", "1")
+    assert rc == 2 and "--from netns needs the netns name" in err
+    rc, _, err = cli("trace", "--lenient", "--ztunnel-netns", "nr-y", "--scenario", "1")
+    assert rc == 2 and err == "noderedirect: --ztunnel-netns, --lenient: only with --from netns NS\n"
+    rc, _, err = cli("trace", "--from", "disk", "--scenario", "1")
+    assert rc == 2 and "expected 'rendered' or 'netns NS'" in err
     rc, _, err = cli("trace", "--scenario", "1", "--src", "10.244.1.5")
     assert rc == 2 and "cannot be combined" in err
     rc, _, err = cli("trace", "--src", "10.9.9.9", "--dst", "10.244.1.6:8000")
