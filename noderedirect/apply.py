@@ -157,6 +157,16 @@ class Engine:
 
     def desired(self) -> Rendered:
         values = self.node_params()
+        # rendering dominates a no-change resync at scale: reuse it while the (derived) values,
+        # i.e. everything the templates see, are unchanged
+        cached = getattr(self, "_desired_cache", None)
+        if cached is not None and cached[0] == values:
+            return cached[1]
+        rendered = self._render(values)
+        self._desired_cache = (values, rendered)
+        return rendered
+
+    def _render(self, values: Values) -> Rendered:
         rendered = desired_mod.render(values, "legacy", rules=self.rules)
         out = []
         for ns in rendered.netns:
@@ -227,10 +237,11 @@ class Engine:
             for role in ("ztunnel", "node"):
                 ns_plan = p.get(role)
                 want = rendered.get(role)
-                if any(c.action != "delete" for c in ns_plan.of("link")):
+                if any(c.action == "replace" for c in ns_plan.of("link")):
                     # a re-created link takes its routes and per-device sysctls with it (e.g. a
-                    # new ztunnel IP changes the tunnel remote): create links first, then plan
-                    # the rest of this netns again so those come back in this same apply
+                    # new ztunnel IP changes the tunnel remote): replace links first, then plan
+                    # the rest of this netns again so those come back in this same apply (a link
+                    # created from nothing had nothing to lose: no second plan then)
                     result.applied += self._apply_links(want, ns_plan)
                     ns_plan = self.plan_one(want)
                 result.applied += self._apply_netns(want, ns_plan)

@@ -24,6 +24,7 @@ from .values import ValuesError
 COMMANDS = ("noderedirect.commands.render_cmd",
             "noderedirect.commands.diff_cmd",
             "noderedirect.commands.engine_cmd",
+            "noderedirect.commands.bench_cmd",
             "noderedirect.commands.trace_cmd",
             "noderedirect.commands.diagram_cmd",
             "noderedirect.commands.run_cmd",

@@ -14,8 +14,10 @@ Text forms:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -74,7 +76,15 @@ def parse_iptables(line: Line, family: int) -> IptRule:
     return IptRule(table=table, chain=chain, args=" ".join(rest), op=op, family=family)
 
 
+# `add SET IP [comment "TEXT"]`, the per-pod line: parsed without shlex (it dominates at scale)
+_ADD = re.compile(r'add (\S+) (\S+)(?: comment "([^"\\]*)")?')
+
+
 def parse_ipset(line: Line, family: int) -> IpsetSet | IpsetEntry:
+    m = _ADD.fullmatch(line.text)
+    if m:
+        _addr(line, m.group(2))
+        return IpsetEntry(set=m.group(1), ip=m.group(2), comment=m.group(3))
     try:
         toks = shlex.split(line.text)
     except ValueError as e:
@@ -103,11 +113,18 @@ def parse_ipset(line: Line, family: int) -> IpsetSet | IpsetEntry:
     raise _fail(line, "expected 'create NAME TYPE …' or 'add NAME IP [comment \"X\"]'")
 
 
-def _addr(line: Line, tok: str) -> ipaddress._BaseAddress:
+@functools.lru_cache(maxsize=4096)
+def _is_addr(tok: str) -> bool:
     try:
-        return ipaddress.ip_address(tok)
+        ipaddress.ip_address(tok)
+        return True
     except ValueError:
-        raise _fail(line, f"{tok!r} is not an address") from None
+        return False
+
+
+def _addr(line: Line, tok: str) -> None:
+    if not _is_addr(tok):
+        raise _fail(line, f"{tok!r} is not an address")
 
 
 def _mark(line: Line, tok: str) -> tuple[int, Optional[int]]:

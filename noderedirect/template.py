@@ -18,6 +18,7 @@ Nothing here knows what a mark or a route is.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -62,14 +63,24 @@ _ALLOWED = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, a
             ast.Load, ast.Attribute, ast.Constant, ast.Tuple, ast.List)
 
 
-def evaluate(expr: str, ctx: dict[str, Any], where: str) -> Any:
+@functools.lru_cache(maxsize=512)
+def _parse(expr: str) -> ast.Expression:
+    """Parse and vet an expression once (a loop evaluates the same @if for every item)."""
     try:
-        tree = ast.parse(expr.strip(), mode="eval")
+        tree = ast.parse(expr, mode="eval")
     except SyntaxError as e:
-        raise TemplateError(where, f"bad expression {expr!r}: {e.msg}") from None
+        raise ValueError(f"bad expression {expr!r}: {e.msg}") from None
     for node in ast.walk(tree):
         if not isinstance(node, _ALLOWED):
-            raise TemplateError(where, f"{type(node).__name__} is not allowed in {expr!r}")
+            raise ValueError(f"{type(node).__name__} is not allowed in {expr!r}")
+    return tree
+
+
+def evaluate(expr: str, ctx: dict[str, Any], where: str) -> Any:
+    try:
+        tree = _parse(expr.strip())
+    except ValueError as e:
+        raise TemplateError(where, str(e)) from None
 
     def ev(n: ast.AST) -> Any:
         if isinstance(n, ast.Expression):
@@ -104,19 +115,36 @@ def evaluate(expr: str, ctx: dict[str, Any], where: str) -> Any:
     return ev(tree)
 
 
-def substitute(text: str, ctx: dict[str, Any], where: str) -> str:
-    def repl(m: re.Match) -> str:
-        val = _lookup(ctx, m.group(1), where)
-        if val is None:
-            raise TemplateError(where, f"${{{m.group(1)}}} has no value here")
-        if isinstance(val, bool):
-            raise TemplateError(where, f"${{{m.group(1)}}} is a boolean; use it in @if")
-        return str(val)
+@functools.lru_cache(maxsize=4096)
+def _pieces(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A line split once into literal text and placeholder names (loops reuse the split)."""
+    literals, names_ = [], []
+    pos = 0
+    for m in _VAR.finditer(text):
+        literals.append(text[pos:m.start()])
+        names_.append(m.group(1))
+        pos = m.end()
+    literals.append(text[pos:])
+    if "${" in "".join(literals):
+        raise ValueError(f"malformed placeholder in {text!r}")
+    return tuple(literals), tuple(names_)
 
-    out = _VAR.sub(repl, text)
-    if "${" in out:
-        raise TemplateError(where, f"malformed placeholder in {text!r}")
-    return out
+
+def substitute(text: str, ctx: dict[str, Any], where: str) -> str:
+    try:
+        literals, placeholders = _pieces(text)
+    except ValueError as e:
+        raise TemplateError(where, str(e)) from None
+    out = [literals[0]]
+    for name, lit in zip(placeholders, literals[1:]):
+        val = _lookup(ctx, name, where)
+        if val is None:
+            raise TemplateError(where, f"${{{name}}} has no value here")
+        if isinstance(val, bool):
+            raise TemplateError(where, f"${{{name}}} is a boolean; use it in @if")
+        out.append(str(val))
+        out.append(lit)
+    return "".join(out)
 
 
 def expand(source: str, filename: str, ctx: dict[str, Any]) -> list[Line]:
