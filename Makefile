@@ -4,5 +4,7 @@ demo:
 	scripts/demo.sh
 test:
 	scripts/test.sh
+bench:
+	scripts/bootstrap.sh && .venv/bin/noderedirect bench enroll
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache
