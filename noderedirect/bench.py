@@ -258,7 +258,7 @@ def _stats(samples_s: Sequence[float]) -> dict:
 
 # The phases of one Engine.apply(), by the engine methods it calls. The first plan() observes
 # and plans, a later one verifies (observes and plans again); plan_one() called by apply itself
-# re-plans a netns after its links were created; writing is _apply_links + _apply_netns.
+# re-plans a netns after its links were replaced; writing is _apply_links + _apply_netns.
 PHASES = (("render", "desired"), ("plan", "plan"), ("replan", "plan_one"),
           ("write", "_apply_links"), ("write", "_apply_netns"))
 
@@ -596,7 +596,7 @@ def run(pods: Sequence[int] = DEFAULT_PODS, repeat: int = DEFAULT_REPEAT,
 
 PHASE_LABELS = (("render", "render desired state"), ("plan", "observe + plan, both netns"),
                 ("write", "write (links, sysctls, ipset, iptables, routes, rules)"),
-                ("replan", "re-plan a netns after creating its links"),
+                ("replan", "re-plan a netns after replacing its links"),
                 ("verify", "verify (observe + plan again)"),
                 ("other", "other (feature check, lock)"))
 
