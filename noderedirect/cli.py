@@ -28,7 +28,8 @@ COMMANDS = ("noderedirect.commands.render_cmd",
             "noderedirect.commands.trace_cmd",
             "noderedirect.commands.diagram_cmd",
             "noderedirect.commands.run_cmd",
-            "noderedirect.commands.lab_cmd")
+            "noderedirect.commands.lab_cmd",
+            "noderedirect.commands.compare_cmd")
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 

@@ -58,6 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="auto (kernel GENEVE if present, else usergeneve), geneve, usergeneve, vxlan")
     u.add_argument("--no-spoof", action="store_true",
                    help="the stand-in ztunnel connects from its own address, not the client's")
+    u.add_argument("--mode", choices=topology.MODES, default="legacy",
+                   help="legacy (node-level capture, tunnels to the ztunnel pod; default) or inpod "
+                        "(the in-pod rules inside each mesh pod's netns, the stand-in ztunnel's "
+                        "listeners inside those netns, only the probe SNAT on the node)")
     u.set_defaults(func=run_up)
 
     d = lsub.add_parser("down", parents=[common], help="remove everything the lab made",
@@ -159,13 +163,15 @@ def run_up(args: argparse.Namespace) -> int:
 
     try:
         lab = topology.Lab(prefix=args.prefix, nodes=args.nodes, extra_pods=args.extra_pods,
-                           backend=args.backend, tunnel=args.tunnel, spoof=not args.no_spoof)
+                           backend=args.backend, tunnel=args.tunnel, spoof=not args.no_spoof,
+                           mode=args.mode)
     except topology.LabError as e:
         _err(str(e))
         return 2
     display = _display()
     print(f"lab {lab.prefix}: {lab.nodes} node{'s' if lab.nodes > 1 else ''}, backend "
-          f"{lab.backend}, tunnel {lab.tunnel}", file=sys.stderr)
+          f"{lab.backend}, " + ("in-pod mode" if lab.inpod else f"tunnel {lab.tunnel}"),
+          file=sys.stderr)
     try:
         with _terminate_as_interrupt():
             res = topology.up(lab, display)
@@ -196,7 +202,8 @@ def run_up(args: argparse.Namespace) -> int:
         fixed = sum(res.changes.values())
         done = (f"was already up; re-applied in {res.seconds:.1f} s, "
                 + ("no changes" if not fixed else f"{fixed} objects repaired"))
-    print(f"lab {lab.prefix} {done} (tunnel {rec.tunnel}); "
+    how = "in-pod mode" if lab.inpod else f"tunnel {rec.tunnel}"
+    print(f"lab {lab.prefix} {done} ({how}); "
           f"try: noderedirect lab curl sleep httpbin:8000{_pfx(lab.prefix)}")
     return 0
 
@@ -241,8 +248,9 @@ def run_status(args: argparse.Namespace) -> int:
         return 0 if healthy else 1
     p = st["params"]
     took = f"; built in {st['up_seconds']:.1f} s" if st.get("up_seconds") else ""
+    how = ("in-pod mode" if p.get("mode") == "inpod" else f"tunnel {st['tunnel'] or p['tunnel']}")
     print(f"lab {st['prefix']}: {st['phase']} ({p['nodes']} node{'s' if p['nodes'] > 1 else ''}, "
-          f"backend {p['backend']}, tunnel {st['tunnel'] or p['tunnel']}{took})")
+          f"backend {p['backend']}, {how}{took})")
     missing = [n for n, s in st["netns"].items() if s != "ok"]
     print(f"  namespaces: {len(st['netns']) - len(missing)} ok"
           + (f", missing: {', '.join(missing)}" if missing else ""))
@@ -361,6 +369,7 @@ def _print_trace(t) -> None:
         if r.client_seen:
             print(f"client={r.client_seen}")
     captured = "captured" if t.legs else "not captured"
-    print(f"\npath ({captured}; from counters, tunnel packet counts, the ztunnel and server logs):")
+    counts = "TCP packet counts" if t.lab.inpod else "tunnel packet counts"
+    print(f"\npath ({captured}; from counters, {counts}, the ztunnel and server logs):")
     for h in t.hops():
         print(f"  {h}")

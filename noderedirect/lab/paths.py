@@ -19,6 +19,13 @@ the request ran.
 
 :func:`trace_request` snapshots all counters, sends one request, snapshots again and returns a
 :class:`Trace` of the differences; :meth:`Trace.hops` turns it into the numbered path.
+
+In an in-pod lab the capture happens inside the pods, so the observer also reads each mesh
+pod's netns (keyed by pod name): the counters of its ``ISTIO_*`` rules, numbered as the packet
+tracer numbers them (``NOUT4`` = 4th rule of nat ``ISTIO_OUTPUT``, ``NPR2``, ``MPR1``,
+``MOUT1``; ``HPOST1`` is the node's probe SNAT, :data:`noderedirect.trace_rules.INPOD_RULE_IDS`),
+and TCP packets on its ``eth0`` and ``lo``. The ztunnel log says in which pod's netns each
+connection was accepted.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from typing import Optional
 from .. import names
 from ..host import Host, HostError
 from ..model import IptRule
+from ..trace_rules import rule_prefix
 from . import client, procs, server as server_mod, ztunnel as ztunnel_mod
 from .topology import Endpoint, Lab, LabError, Record, ZTUNNEL_VETH, engine_for
 
@@ -98,6 +106,23 @@ def _nft_counters(doc: dict) -> list[tuple[str, str, int]]:
 # ---------------------------------------------------------------- rule ids
 
 
+def inpod_rule_ids(role: str, rules: tuple[IptRule, ...]) -> dict[str, IptRule]:
+    """In-pod: id -> rule, the packet tracer's numbering (the n-th non-jump rule of a chain);
+    ``role`` is "node" or "pod:…"."""
+    kind = "pod" if role.startswith("pod:") else "node"
+    ids: dict[str, IptRule] = {}
+    count: dict[tuple[str, str], int] = {}
+    for r in rules:
+        if r.family != 4 or r.is_hook:
+            continue
+        prefix = rule_prefix(kind, r.table, r.chain)
+        if prefix is None:
+            continue
+        n = count[(r.table, r.chain)] = count.get((r.table, r.chain), 0) + 1
+        ids[f"{prefix}{n}"] = r
+    return ids
+
+
 def rule_ids(role: str, rules: tuple[IptRule, ...]) -> dict[str, IptRule]:
     """id -> rendered rule for one netns, numbering each chain's rules in rendered order."""
     ids: dict[str, IptRule] = {}
@@ -135,6 +160,10 @@ class Observer:
         for n in self.lab.node_list():
             self.hosts[n.name] = Host(self.lab.node_ns(n.index))
             self.hosts[f"ztunnel-{n.index}"] = Host(self.lab.ztunnel_ns(n.index))
+            if self.lab.inpod:          # the capture happens inside the mesh pods
+                for p in self.lab.pods(n.index):
+                    if p.mesh:
+                        self.hosts[p.name] = Host(self.lab.pod_ns(p))
         self._book: Optional[dict[tuple[str, str], IptRule]] = None
 
     def close(self) -> None:
@@ -160,6 +189,12 @@ class Observer:
                                 self.rec.tunnel or self.lab.tunnel) as eng:
                     rendered = eng.desired()
                 for ns in rendered.netns:
+                    if self.lab.inpod:
+                        # roles "node" and "pod:default/<name>"; rules in iptables-save form
+                        key = n.name if ns.role == "node" else ns.role.rpartition("/")[2]
+                        for rid, r in inpod_rule_ids(ns.role, ns.iptables).items():
+                            book[(key, rid)] = r
+                        continue
                     key = n.name if ns.role == "node" else f"ztunnel-{n.index}"
                     for rid, r in rule_ids(ns.role, ns.iptables).items():
                         book[(key, rid)] = r
@@ -289,6 +324,11 @@ class Leg:
     def upstream_error(self) -> Optional[str]:
         return self.upstream.get("error") if self.upstream else None
 
+    @property
+    def netns(self) -> Optional[str]:
+        """In-pod mode: the path of the pod netns the listener lives in."""
+        return self.accept.get("netns")
+
 
 @dataclass
 class Trace:
@@ -359,7 +399,16 @@ class Trace:
         via = f"via {r['gateway']} " if r.get("gateway") else ""
         return f"table {r.get('table', 'main')} → {via}dev {r.get('dev')}"
 
+    def pod_of(self, leg: Leg) -> str:
+        """In-pod mode: the name of the pod whose netns holds the listener of ``leg``."""
+        for ep in self.lab.endpoints().values():
+            if leg.netns and procs.netns_path(ep.netns) == leg.netns:
+                return ep.name
+        return leg.netns or "?"
+
     def hops(self) -> list[str]:
+        if self.lab.inpod:
+            return [f"{i}. {h}" for i, h in enumerate(self._inpod_hops(), 1)]
         out: list[str] = []
         if not self.legs:
             out += self._uncaptured()
@@ -451,6 +500,96 @@ class Trace:
                    f"{self.tcp_on(node, ZTUNNEL_VETH)}")
         return out
 
+    # ------------------------------------------------------------ in-pod mode
+
+    def _find(self, key: str, table: str, chain: str, needle: str) -> Optional[str]:
+        """The id of the rule of ``key``'s ``table chain`` whose text contains ``needle``."""
+        for (k, rid), r in self.rulebook.items():
+            if k == key and r.table == table and r.chain == chain and needle in r.args:
+                return rid
+        return None
+
+    def _counted(self, key: str, rid: Optional[str], what: str = "packet") -> str:
+        n = self.hits(key, rid) if rid else 0
+        return f"{n} {what}{'s' if n != 1 else ''}"
+
+    def _inpod_hops(self) -> list[str]:
+        out: list[str] = []
+        if not self.legs:
+            out += self._inpod_uncaptured()
+        for leg in self.legs:
+            out += self._inpod_leg(leg)
+        zt = sum(self.tcp_on(f"node-{n.index}", ZTUNNEL_VETH) for n in self.lab.node_list())
+        out.append(f"no tunnel, no capture rule on the node: {zt} TCP packet{'s' if zt != 1 else ''} "
+                   f"on {ZTUNNEL_VETH} (the ztunnel pod's own interface)")
+        out.append(self._server_line())
+        return out
+
+    def _inpod_leg(self, leg: Leg) -> list[str]:
+        pod, zt = self.pod_of(leg), leg.ztunnel
+        mark = names.hexmark(names.INPOD_MARK)
+        out: list[str] = []
+        if leg.listener == names.PORT_OUTBOUND:
+            rid = self._find(pod, "nat", names.INPOD_CHAIN_OUTPUT, f"--to-ports {names.PORT_OUTBOUND}")
+            out.append(f"{self._rule(pod, rid or '?')} matched {self._counted(pod, rid)} (nat sees the "
+                       f"first packet of a connection) → REDIRECT to 127.0.0.1:{leg.listener} inside "
+                       f"{pod}'s netns: nothing left the pod")
+        elif leg.listener == names.PORT_INBOUND:
+            rid = self._find(pod, "nat", names.INPOD_CHAIN_PRERT, f"--to-ports {names.PORT_INBOUND}")
+            eth0 = self.tcp_on(pod, "eth0", "in")
+            out.append(f"arrived on {pod}'s eth0 ({eth0} TCP packet{'s' if eth0 != 1 else ''} in); "
+                       f"{self._rule(pod, rid or '?')} matched {self._counted(pod, rid)} → REDIRECT "
+                       f"to port {leg.listener} inside {pod}'s netns")
+        else:
+            out.append(f"{pod}: destination port {leg.listener} is not redirected (`! --dport "
+                       f"{names.PORT_HBONE}`): it reaches ztunnel's own listener inside {pod}'s netns")
+        how = "SO_ORIGINAL_DST" if leg.listener != names.PORT_HBONE else "its own address"
+        out.append(f"{zt}: listener {leg.listener} inside {pod}'s netns (SO_MARK {mark}) accepted "
+                   f"client {leg.peer}, original destination {leg.orig_dst} ({how})")
+        if leg.upstream is None:
+            out.append(f"{zt}: the stand-in logs and closes connections on {leg.listener} "
+                       "(it does not speak HBONE)")
+            return out
+        if leg.upstream_error:
+            out.append(f"{zt}: connecting to {leg.orig_dst} from inside {pod}'s netns failed: "
+                       f"{leg.upstream_error}; the client connection is reset")
+            return out
+        local = leg.upstream_local or "?"
+        kept = local.rpartition(":")[0] == leg.peer.rpartition(":")[0]
+        mpr = self._find(pod, "mangle", names.INPOD_CHAIN_PRERT, "CONNMARK --set-xmark")
+        mout = self._find(pod, "mangle", names.INPOD_CHAIN_OUTPUT, "--restore-mark")
+        src = ("the client's address (original source kept)" if kept and leg.listener == names.PORT_INBOUND
+               else "the pod's own address")
+        out.append(f"{zt}: connects to {leg.orig_dst} from {local}, {src}, inside {pod}'s netns "
+                   f"with SO_MARK {mark}: the pod's REDIRECT rules skip marked packets (`! --mark "
+                   f"{mark}/{names.hexmark(names.INPOD_MASK)}`)")
+        ct = self.ct.get(f"{pod} upstream")
+        ct_text = f", ct mark {names.hexmark(ct)}" if ct else ""
+        out.append(f"{pod}: {mpr or 'MPR'} set connmark {names.hexmark(names.INPOD_TPROXY_MARK)} on "
+                   f"{self._counted(pod, mpr)} (ztunnel's own packets looping through lo), "
+                   f"{mout or 'MOUT'} restored it on {self._counted(pod, mout)}{ct_text} → ip rule "
+                   f"{names.INPOD_PRIO} → table {names.INPOD_TABLE} (local): replies reach ztunnel's socket")
+        return out
+
+    def _inpod_uncaptured(self) -> list[str]:
+        k = self.entry_node
+        node = f"node-{k}"
+        out: list[str] = []
+        hpost = self._find(node, "nat", names.INPOD_CHAIN_POSTRT, "SNAT")
+        n = self.hits(node, hpost) if hpost else 0
+        dst = self.dst.name if self.dst else self.dst_ip
+        if n:
+            out.append(f"{self._rule(node, hpost)} matched {n} packet{'s' if n != 1 else ''} → source "
+                       f"{names.INPOD_PROBE_SNAT_V4} (a node socket to an enrolled pod: the probe bypass)")
+            npr = self._find(dst, "nat", names.INPOD_CHAIN_PRERT, f"-s {names.INPOD_PROBE_SNAT_V4}")
+            if npr:
+                out.append(f"{self._rule(dst, npr)} matched {self._counted(dst, npr)} → ACCEPT: not "
+                           "redirected")
+        else:
+            out.append(f"{node}: no rule of ours matched (HPOST1 {n}); routed by the main table")
+        out.append("not captured: no ztunnel listener accepted it")
+        return out
+
     def _server_line(self) -> str:
         who = self.dst.name if self.dst else f"{self.dst_ip}:{self.port}"
         seen = self.server_client
@@ -471,7 +610,8 @@ class Trace:
             "local": self.response.local, "server_client": self.server_client,
             "legs": [{"ztunnel": l.ztunnel, "listener": l.listener, "orig_dst": l.orig_dst,
                       "peer": l.peer, "upstream_local": l.upstream_local,
-                      "upstream_error": l.upstream_error} for l in self.legs],
+                      "upstream_error": l.upstream_error,
+                      **({"pod": self.pod_of(l)} if self.lab.inpod else {})} for l in self.legs],
             "rule_hits": {f"{k} {rid}": v for (k, rid), v in sorted(self.rules.items()) if v},
             "tcp_packets": {f"{k} {dev} {d}": v for (k, dev, d), v in sorted(self.tcp.items()) if v},
             "ct_marks": {k: v for k, v in self.ct.items() if v is not None},
@@ -537,6 +677,9 @@ def trace_request(rec: Record, src: str, dst: str, port: int, path: str = "/",
 
 def _kernel_views(t: Trace, obs: Observer) -> None:
     """conntrack marks and ``ip route get`` answers that back the hops."""
+    if t.lab.inpod:
+        _kernel_views_inpod(t, obs)
+        return
     src_ip = t.bind or t.src.ip
     k = t.entry_node
     node = f"node-{k}"
@@ -563,3 +706,12 @@ def _kernel_views(t: Trace, obs: Observer) -> None:
     if not t.legs:
         mark = names.MARK_CONNSKIP if t.hits(node, "O1") else None
         t.routes[f"{node} plain"] = obs.route_get(node, t.dst_ip, frm, iif, mark)
+
+
+def _kernel_views_inpod(t: Trace, obs: Observer) -> None:
+    """In-pod mode: the ct mark of each ztunnel upstream connection, in the pod netns it was
+    made in (0x111 once the pod's mangle rule saw ztunnel's marked packets)."""
+    for leg in t.legs:
+        pod = t.pod_of(leg)
+        if leg.upstream_local and pod in obs.hosts:
+            t.ct[f"{pod} upstream"] = obs.conntrack_mark(pod, leg.upstream_local)

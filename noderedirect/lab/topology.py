@@ -24,6 +24,14 @@ What the wiring looks like (per node, ``k`` = 1 or 2)::
 Nothing is created in the machine's own network namespace: veths are created inside the node
 (or underlay) netns with their peer moved straight into the pod's netns.
 
+**In-pod mode** (``Lab(mode="inpod")``, ``lab up --mode inpod``): the same namespaces and
+wiring, but the redirection is the in-pod design, applied by
+:class:`noderedirect.inpod_apply.InpodEngine` (the same planner and host calls): the in-pod
+rules, ip rule 32764 and table 100 inside each mesh pod's netns; in the node only the probe
+set and the ``ISTIO_POSTRT`` SNAT rule; no tunnels, no capture rules on the node, nothing in
+the ztunnel pod's netns. The stand-in ztunnel still runs from the ztunnel pod's netns, but
+makes its listeners inside each mesh pod's netns (``--inpod``).
+
 Everything ``up`` creates is recorded in a state file (``<state dir>/lab-<name>.json``) *before*
 it is created, so ``down`` removes exactly that, from any process, after any crash: our
 processes through their pidfiles, tunnel TAPs and bridges through the tunnel driver, then
@@ -61,6 +69,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "nrlab-"
 BACKENDS = ("iptables", "iptables-legacy", "nft")
+MODES = ("legacy", "inpod")
+INPOD_BACKENDS = ("iptables", "iptables-legacy")     # in-pod's native nft is not implemented
+POD_DEVICES = ("eth0", "lo")       # in-pod mode: TCP counted on these inside each mesh pod
 TUNNELS = ("auto", "geneve", "usergeneve", "vxlan")
 MAX_NODES = 2
 MAX_EXTRA_PODS = 200
@@ -164,6 +175,7 @@ class Lab:
     backend: str = "iptables"
     tunnel: str = "auto"
     spoof: bool = True         # the stand-in ztunnel keeps the original source
+    mode: str = "legacy"       # "inpod": the in-pod design (see the module docstring)
 
     def __post_init__(self) -> None:
         if not isinstance(self.prefix, str) or not _PREFIX.match(self.prefix):
@@ -177,6 +189,17 @@ class Lab:
             raise LabError(f"--backend {self.backend}: one of {', '.join(BACKENDS)}")
         if self.tunnel not in TUNNELS:
             raise LabError(f"--tunnel {self.tunnel}: one of {', '.join(TUNNELS)}")
+        if self.mode not in MODES:
+            raise LabError(f"--mode {self.mode}: one of {', '.join(MODES)}")
+        if self.mode == "inpod" and self.backend not in INPOD_BACKENDS:
+            raise LabError(f"--mode inpod --backend {self.backend}: in-pod mode is applied with "
+                           f"{' or '.join(INPOD_BACKENDS)} (its native nft backend is not implemented)")
+        if self.mode == "inpod" and self.tunnel != "auto":
+            raise LabError(f"--mode inpod --tunnel {self.tunnel}: in-pod mode has no tunnels")
+
+    @property
+    def inpod(self) -> bool:
+        return self.mode == "inpod"
 
     # ------------------------------------------------------------ names
 
@@ -237,8 +260,11 @@ class Lab:
         return tuple(out)
 
     def params(self) -> dict:
-        return {"nodes": self.nodes, "extra_pods": self.extra_pods, "backend": self.backend,
-                "tunnel": self.tunnel, "spoof": self.spoof}
+        out = {"nodes": self.nodes, "extra_pods": self.extra_pods, "backend": self.backend,
+               "tunnel": self.tunnel, "spoof": self.spoof}
+        if self.inpod:       # a legacy lab's record stays as it always was
+            out["mode"] = self.mode
+        return out
 
     @classmethod
     def from_params(cls, prefix: str, params: dict) -> "Lab":
@@ -519,7 +545,8 @@ def up(lab: Lab, progress: Progress = QUIET) -> UpResult:
 def _describe(params: dict) -> str:
     return (f"--nodes {params['nodes']} --extra-pods {params['extra_pods']} --backend "
             f"{params['backend']} --tunnel {params['tunnel']}"
-            + ("" if params.get("spoof", True) else " --no-spoof"))
+            + ("" if params.get("spoof", True) else " --no-spoof")
+            + (f" --mode {params['mode']}" if params.get("mode", "legacy") != "legacy" else ""))
 
 
 def _prefix_arg(prefix: str) -> str:
@@ -551,8 +578,6 @@ def _no_interrupts() -> Iterator[None]:
 
 
 def _build(lab: Lab, rec: Record, progress: Progress) -> dict[str, int]:
-    from . import paths
-
     with progress.step(f"network namespaces ({len(rec.netns)})"):
         for name in rec.netns:
             _ip("netns", "add", name)
@@ -570,20 +595,20 @@ def _build(lab: Lab, rec: Record, progress: Progress) -> dict[str, int]:
         detail(f"{sum(len(l) for _, l in batches)} objects")
 
     with progress.step("packet counters (lab instrumentation)"):
-        for n in lab.node_list():
-            paths.install_counters(lab.node_ns(n.index), paths.NODE_DEVICES)
-            paths.install_counters(lab.ztunnel_ns(n.index), paths.ZTUNNEL_DEVICES)
+        _install_counters(lab)
 
     changes: dict[str, int] = {}
     for n in lab.node_list():
-        with progress.step(f"redirection on {n.name}: noderedirect apply "
-                           f"(--backend {lab.backend}, --tunnel {lab.tunnel})") as detail:
+        what = (f"in-pod rules in {sum(p.mesh for p in lab.pods(n.index))} pod netns, probe SNAT "
+                f"(--backend {lab.backend})" if lab.inpod
+                else f"noderedirect apply (--backend {lab.backend}, --tunnel {lab.tunnel})")
+        with progress.step(f"redirection on {n.name}: {what}") as detail:
             values = _write_values(lab, rec, n.index)
             res, driver = _apply(lab, n.index, values, rec.tunnel or lab.tunnel)
             rec.tunnel = driver
             rec.save()
             changes[n.name] = len(res.applied)
-            detail(f"{len(res.applied)} objects, tunnel {driver}")
+            detail(f"{len(res.applied)} objects" + (f", tunnel {driver}" if driver else ""))
 
     with progress.step("stand-in ztunnel and test servers") as detail:
         started = _start_processes(lab, rec)
@@ -602,19 +627,37 @@ def _write_values(lab: Lab, rec: Record, k: int) -> Path:
 
 
 def engine_for(lab: Lab, k: int, values_path: "str | Path", tunnel: str):
-    """The engine of node ``k``, exactly as ``noderedirect apply`` builds it."""
+    """The engine of node ``k``, exactly as ``noderedirect apply`` builds it (in-pod mode: the
+    in-pod engine, with the netns of each mesh pod of that node)."""
     from .. import values as values_mod
     from ..apply import Engine
 
     vals = values_mod.load(str(values_path))
+    if lab.inpod:
+        from ..inpod_apply import InpodEngine
+        pods = {p.uid: NetnsRef.resolve(lab.pod_ns(p)) for p in lab.pods(k) if p.mesh}
+        return InpodEngine(vals, NetnsRef.resolve(lab.node_ns(k)), pods, backend=lab.backend)
     return Engine(vals, NetnsRef.resolve(lab.node_ns(k)), NetnsRef.resolve(lab.ztunnel_ns(k)),
                   backend=lab.backend, tunnel=tunnel)
 
 
 def _apply(lab: Lab, k: int, values_path: Path, tunnel: str):
+    """Apply on node ``k``; returns (result, tunnel driver name or None in in-pod mode)."""
     with engine_for(lab, k, values_path, tunnel) as eng:
         res = eng.apply()
-        return res, eng.driver.name
+        return res, (None if lab.inpod else eng.driver.name)
+
+
+def _install_counters(lab: Lab) -> None:
+    from . import paths
+
+    for n in lab.node_list():
+        paths.install_counters(lab.node_ns(n.index), paths.NODE_DEVICES)
+        paths.install_counters(lab.ztunnel_ns(n.index), paths.ZTUNNEL_DEVICES)
+        if lab.inpod:
+            for p in lab.pods(n.index):
+                if p.mesh:
+                    paths.install_counters(lab.pod_ns(p), POD_DEVICES)
 
 
 def _start_processes(lab: Lab, rec: Record) -> list[str]:
@@ -628,6 +671,9 @@ def _start_processes(lab: Lab, rec: Record) -> list[str]:
         argv = procs.module_argv("noderedirect.lab.ztunnel", "--netns",
                                  procs.netns_path(lab.ztunnel_ns(n.index)), "--log", str(logf),
                                  "--ready-file", str(ready)) + ([] if lab.spoof else ["--no-spoof"])
+        if lab.inpod:
+            argv += [a for p in lab.pods(n.index) if p.mesh
+                     for a in ("--inpod", procs.netns_path(lab.pod_ns(p)))]
         rec.processes[name] = str(rdir / f"{name}.pid")
         rec.logs[name] = str(logf)
         rec.save()
@@ -663,12 +709,9 @@ def _missing(rec: Record) -> list[str]:
 
 def _converge(lab: Lab, rec: Record, progress: Progress, t0: float) -> UpResult:
     """``up`` on a lab that is up: re-apply through the engine (normally zero changes)."""
-    from . import paths
-
     changes: dict[str, int] = {}
+    _install_counters(lab)
     for n in lab.node_list():
-        paths.install_counters(lab.node_ns(n.index), paths.NODE_DEVICES)
-        paths.install_counters(lab.ztunnel_ns(n.index), paths.ZTUNNEL_DEVICES)
         with progress.step(f"redirection on {n.name}: re-apply") as detail:
             res, _ = _apply(lab, n.index, Path(rec.values[n.name]), rec.tunnel or lab.tunnel)
             changes[n.name] = len(res.applied)
@@ -755,6 +798,8 @@ def _remove_tunnels(lab: Lab, rec: Record, res: DownResult) -> list[str]:
     from .. import tunnels
 
     removed: list[str] = []
+    if lab.inpod:
+        return removed          # in-pod mode makes no tunnel
     kind = rec.tunnel if rec.tunnel in tunnels.KINDS else None
     for n in lab.node_list():
         for netns in (lab.node_ns(n.index), lab.ztunnel_ns(n.index)):
@@ -784,6 +829,54 @@ def _remove_files(rec: Record) -> None:
         tmp.unlink(missing_ok=True)
     with contextlib.suppress(FileNotFoundError):
         record_path(rec.prefix).unlink()
+
+
+# ---------------------------------------------------------------- more namespaces for a lab
+
+
+_NETNS_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{0,63}$")
+
+
+def add_netns(prefix: str, extra: list[str]) -> None:
+    """Create more namespaces that belong to a lab that is up (e.g. pods a measurement enrolls
+    without wiring them): recorded before they are created, so ``lab down`` removes them too,
+    even after a crash. One ``ip -batch`` for all of them."""
+    with _locked(prefix):
+        rec = load_record(prefix)
+        for name in extra:
+            if not name.startswith(prefix) or not _NETNS_NAME.match(name):
+                raise LabError(f"netns name {name!r} does not start with the lab prefix {prefix!r}")
+            if name in rec.netns or netns_exists(name):
+                raise LabConflict(f"network namespace {name} exists already")
+        rec.netns += list(extra)
+        rec.save()
+        _ip_batch([f"netns add {name}" for name in extra])
+        for name in extra:
+            st = os.stat(os.path.join(procs.NETNS_DIR, name))
+            rec.netns_ids[name] = [st.st_dev, st.st_ino]
+        rec.save()
+
+
+def remove_netns(prefix: str, extra: list[str]) -> None:
+    """Remove namespaces made by :func:`add_netns` (one ``ip -batch``) and forget them. Nothing
+    may run inside them (they are not wired, nothing is started there)."""
+    with _locked(prefix):
+        rec = load_record(prefix)
+        mine = [n for n in extra if n in rec.netns and _ours(rec, n)]
+        if mine:
+            _ip_batch([f"netns del {name}" for name in mine])
+        rec.netns = [n for n in rec.netns if n not in set(extra)]
+        for n in extra:
+            rec.netns_ids.pop(n, None)
+        rec.save()
+
+
+def _ip_batch(lines: list[str]) -> None:
+    """``ip -batch`` in this process's netns for namespace files only (``netns add|del``)."""
+    cp = subprocess.run(["ip", "-batch", "-"], input="".join(l + "\n" for l in lines),
+                        capture_output=True, text=True)
+    if cp.returncode != 0:
+        raise LabError(f"`ip -batch` ({lines[0]} …) exited {cp.returncode}: {cp.stderr.strip()}")
 
 
 # ---------------------------------------------------------------- status

@@ -31,12 +31,28 @@ Bounded: at most ``MAX_CONNS`` connections at a time (more are reset), a connect
 no longer names the namespace it entered (the netns was deleted).
 
 :func:`read_log`, :func:`events`, :func:`accepts` and :func:`wait_events` read the log back.
+
+**In-pod mode** (``--inpod POD_NETNS_PATH``, repeatable; inpod-mode.md §4.4): the process still
+lives in ``--netns`` (the ztunnel pod's), but creates no listener there. For each pod netns it
+keeps the netns open (as ztunnel keeps the fd the node agent hands over) and creates the
+listeners 15001 / 15006 / 15008 *inside that netns*: the thread enters it, makes the socket and
+comes back (:class:`PodNetns`). Every socket it makes carries ``SO_MARK`` 1337 (0x539): the
+listeners, hence the connections they accept, and the upstream connections, which are made
+inside the accepting pod's netns too, so the pod's own rules exempt them. The rules there
+REDIRECT, so the original destination is ``SO_ORIGINAL_DST`` (``getsockname()`` only for 15008,
+which is not redirected). Upstream from 15001 leaves from the pod's own address; from 15006 it
+keeps the client's address (``IP_TRANSPARENT`` bind, like ztunnel's freebind), or uses the
+pod's own with ``--no-spoof``. ``accept`` and ``upstream`` events then also carry ``netns`` (the
+pod netns path). A pod netns that disappears loses its listeners (event ``pod_gone``). There is
+no DNS proxy (15053) and no HBONE: same-node mesh traffic is captured twice, on 15001 in the
+client's netns and on 15006 in the server's.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -51,8 +67,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .. import names
-from .procs import (NetnsError, addr_text, enter_netns, errno_text, netns_path, same_netns,
-                    write_ready)
+from .procs import (NetnsError, _setns, addr_text, enter_netns, errno_text, netns_path,
+                    same_netns, write_ready)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +81,9 @@ CONNECT_TIMEOUT = 2.0
 MAX_CONNS = 256
 CHUNK = 65536
 CHECK_INTERVAL = 1.0               # seconds between "is my netns still there" checks
+SO_MARK = getattr(socket, "SO_MARK", 36)          # asm-generic/socket.h
+SO_ORIGINAL_DST = 80               # linux/netfilter_ipv4.h, level SOL_IP
+INPOD_PORTS = (names.PORT_OUTBOUND, names.PORT_INBOUND, names.PORT_HBONE)
 
 
 class EventLog:
@@ -116,13 +135,118 @@ def is_own_address(ip: str) -> bool:
     return True
 
 
+# ---------------------------------------------------------------- in-pod mode: sockets inside pod netns
+
+
+class PodNetns:
+    """A pod's network namespace held open by fd, and sockets made inside it from any thread.
+
+    :meth:`call` is ztunnel's socket factory (inpod-mode.md §4.4): the calling thread enters
+    the pod's netns, runs ``fn`` (which creates a socket), and goes back to the netns it came
+    from, whatever happens. A socket belongs to the netns it was created in for its whole life,
+    so binding, connecting and copying happen afterwards from anywhere.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise NetnsError(f"cannot open pod netns {path}: {e.strerror}") from None
+        st = os.fstat(self.fd)
+        self.identity = (st.st_dev, st.st_ino)
+
+    def call(self, fn: Callable[[], "socket.socket | bool"]):
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            try:
+                _setns(self.fd)
+            except OSError as e:
+                raise NetnsError(f"setns into {self.path} failed: {e.strerror}") from None
+            try:
+                return fn()
+            finally:
+                # invariant: the thread never stays in the pod's netns
+                _setns(home)
+        finally:
+            os.close(home)
+
+    def socket(self, mark: int = names.INPOD_MARK) -> socket.socket:
+        """A TCP socket inside the pod's netns, with ztunnel's mark."""
+        s = self.call(lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+        try:
+            s.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        except OSError:
+            s.close()
+            raise
+        return s
+
+    def owns(self, ip: str) -> bool:
+        """Whether ``ip`` is an address of the pod's netns."""
+        return self.call(lambda: is_own_address(ip))
+
+    def alive(self) -> bool:
+        return same_netns(self.path, self.identity)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+def inpod_listener(pod: PodNetns, port: int) -> socket.socket:
+    """One listener on 0.0.0.0:``port`` inside the pod's netns, marked 1337; IP_TRANSPARENT
+    best effort, as ztunnel does (REDIRECT does not need it)."""
+    s = pod.socket()
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        with contextlib.suppress(OSError):
+            s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        s.bind(("0.0.0.0", port))
+        s.listen(128)
+        s.setblocking(False)
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def listener_set(path: str) -> list[socket.socket]:
+    """ztunnel's listener set for one pod (15001, 15006, 15008), made inside its netns at
+    ``path``; the caller closes them. What enrolling a pod costs ztunnel."""
+    pod = PodNetns(path)
+    try:
+        out: list[socket.socket] = []
+        try:
+            for port in INPOD_PORTS:
+                out.append(inpod_listener(pod, port))
+        except OSError:
+            for s in out:
+                s.close()
+            raise
+        return out
+    finally:
+        pod.close()
+
+
+def original_dst(conn: socket.socket) -> tuple:
+    """Where a REDIRECTed connection was going (``SO_ORIGINAL_DST``); a connection that was not
+    redirected (to 15008) has no NAT binding, and its own address is the destination."""
+    try:
+        raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    except OSError:
+        return conn.getsockname()
+    port, addr = struct.unpack_from("!H4s", raw, 2)
+    return socket.inet_ntoa(addr), port
+
+
 class Relay:
     """One accepted connection: connect upstream, then copy both ways (its own thread)."""
 
     def __init__(self, proxy: "Ztunnel", conn_id: int, listener: int, client: socket.socket,
-                 peer: tuple, orig_dst: tuple):
+                 peer: tuple, orig_dst: tuple, pod: Optional[PodNetns] = None):
         self.proxy, self.id, self.listener = proxy, conn_id, listener
         self.client, self.peer, self.orig_dst = client, peer, orig_dst
+        self.pod = pod                       # in-pod mode: the netns the connection came from
         self.upstream: Optional[socket.socket] = None
         self.bytes_up = self.bytes_down = 0
 
@@ -144,6 +268,8 @@ class Relay:
             self.proxy.done(self)
 
     def _connect(self) -> bool:
+        if self.pod is not None:
+            return self._connect_inpod()
         up = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.upstream = up
         local = error = None
@@ -163,6 +289,48 @@ class Relay:
             _reset(self.client)
             return False
         return True
+
+    def _connect_inpod(self) -> bool:
+        """Upstream from inside the pod's netns, marked 1337 so the pod's rules let it pass:
+        outbound (15001) from the pod's own address, inbound (15006) from the client's."""
+        assert self.pod is not None
+        local = error = None
+        try:
+            self.upstream = up = self._inpod_socket()
+            up.settimeout(self.proxy.connect_timeout)
+            up.connect(self.orig_dst)
+            local = addr_text(up.getsockname())
+        except OSError as e:
+            error = errno_text(e)
+        self.proxy.log.write("upstream", conn=self.id, listener=self.listener,
+                             orig_dst=addr_text(self.orig_dst), upstream_local=local, error=error,
+                             netns=self.pod.path)
+        if error:
+            _reset(self.client)
+            return False
+        return True
+
+    def _inpod_socket(self) -> socket.socket:
+        assert self.pod is not None
+        up = self.pod.socket()
+        if self.listener != names.PORT_INBOUND or not self.proxy.spoof:
+            return up
+        try:
+            up.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            # the client's address, and never the client's port: the redirected connection
+            # (client:port -> pod:8000) is still in this netns's conntrack table, and a new
+            # connection with the same tuple would be taken for it and redirected again
+            for _ in range(8):
+                up.bind((self.peer[0], 0))
+                if up.getsockname()[1] != self.peer[1]:
+                    return up
+                up.close()
+                up = self.pod.socket()
+                up.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            raise OSError(errno.EADDRINUSE, "no source port other than the client's")
+        except OSError:
+            up.close()
+            raise
 
     def _copy(self) -> Optional[str]:
         """Copy until both directions reached EOF; returns an error text or None."""
@@ -222,6 +390,8 @@ class Ztunnel:
         self.netns, self.log, self.spoof = netns, event_log, spoof
         self.idle_timeout, self.connect_timeout, self.max_conns = idle_timeout, connect_timeout, max_conns
         self.listeners: dict[socket.socket, int] = {}
+        self.pod_of: dict[socket.socket, PodNetns] = {}    # in-pod mode: listener -> its pod
+        self.pods: list[PodNetns] = []
         self.relays: set[Relay] = set()
         self._lock = threading.Lock()
         self._next_id = 0
@@ -230,6 +400,20 @@ class Ztunnel:
     def listen(self) -> None:
         for port in RELAY_PORTS + LOG_ONLY_PORTS:
             self.listeners[transparent_listener(port)] = port
+
+    @property
+    def inpod(self) -> bool:
+        return bool(self.pods)
+
+    def listen_inpod(self, paths: list[str]) -> None:
+        """In-pod mode: the listener set inside each pod's netns (none in our own)."""
+        for path in paths:
+            pod = PodNetns(path)
+            self.pods.append(pod)
+            for port in INPOD_PORTS:
+                lsock = inpod_listener(pod, port)
+                self.listeners[lsock] = port
+                self.pod_of[lsock] = pod
 
     def done(self, relay: Relay) -> None:
         with self._lock:
@@ -243,14 +427,21 @@ class Ztunnel:
         conn.setblocking(True)
         self._next_id += 1
         conn_id = self._next_id
-        orig_dst = conn.getsockname()        # TPROXY keeps the original destination
-        self.log.write("accept", conn=conn_id, listener=port, peer=addr_text(peer),
-                       orig_dst=addr_text(orig_dst))
+        pod = self.pod_of.get(lsock)
+        if pod is None:
+            orig_dst = conn.getsockname()    # TPROXY keeps the original destination
+            self.log.write("accept", conn=conn_id, listener=port, peer=addr_text(peer),
+                           orig_dst=addr_text(orig_dst))
+        else:
+            orig_dst = original_dst(conn)    # REDIRECT rewrote it; conntrack remembers
+            self.log.write("accept", conn=conn_id, listener=port, peer=addr_text(peer),
+                           orig_dst=addr_text(orig_dst), netns=pod.path)
         with self._lock:
             full = len(self.relays) >= self.max_conns
         # a connection made straight to a listener would be relayed to that listener again,
         # and again, until the connection limit is reached
-        to_self = orig_dst[1] in self.listeners.values() and is_own_address(orig_dst[0])
+        owns = is_own_address if pod is None else pod.owns
+        to_self = orig_dst[1] in self.listeners.values() and owns(orig_dst[0])
         refusal = ("HBONE is not implemented by this stand-in" if port in LOG_ONLY_PORTS
                    else f"too many connections ({self.max_conns})" if full
                    else "addressed to the proxy itself" if to_self else None)
@@ -260,7 +451,7 @@ class Ztunnel:
                            error=refusal)
             _reset(conn)
             return
-        relay = Relay(self, conn_id, port, conn, peer, orig_dst)
+        relay = Relay(self, conn_id, port, conn, peer, orig_dst, pod)
         with self._lock:
             self.relays.add(relay)
         threading.Thread(target=relay.run, name=f"conn-{conn_id}", daemon=True).start()
@@ -288,12 +479,26 @@ class Ztunnel:
                 if not same_netns(self.netns, identity):
                     reason = f"netns {self.netns} is gone"
                     break
+                self._drop_gone_pods(sel)
         sel.close()
         return reason
+
+    def _drop_gone_pods(self, sel: selectors.BaseSelector) -> None:
+        """A deleted pod netns lives on while we hold sockets in it: let it go."""
+        for pod in [p for p in self.pods if not p.alive()]:
+            for lsock in [l for l, p in self.pod_of.items() if p is pod]:
+                sel.unregister(lsock)
+                lsock.close()
+                del self.listeners[lsock], self.pod_of[lsock]
+            pod.close()
+            self.pods.remove(pod)
+            self.log.write("pod_gone", netns=pod.path)
 
     def shutdown(self) -> None:
         for lsock in self.listeners:
             lsock.close()
+        for pod in self.pods:
+            pod.close()
         with self._lock:
             relays = list(self.relays)
         for relay in relays:
@@ -362,6 +567,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-spoof", action="store_true",
                    help="connect upstream from this netns' own address, not the client's")
     p.add_argument("--ready-file", help="written once every listener is bound")
+    p.add_argument("--inpod", action="append", default=[], metavar="POD_NETNS_PATH",
+                   help="in-pod mode: create the listeners inside this pod's netns (repeatable) "
+                        "instead of in --netns; every socket gets SO_MARK 1337")
     p.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT)
     p.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT)
     return p.parse_args(argv)
@@ -381,19 +589,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     proxy = Ztunnel(netns_path(args.netns), event_log, spoof=not args.no_spoof,
                     idle_timeout=args.idle_timeout, connect_timeout=args.connect_timeout)
     try:
-        proxy.listen()
-    except OSError as e:
-        log.error("cannot listen in netns %s: %s", args.netns, errno_text(e))
+        if args.inpod:
+            proxy.listen_inpod([netns_path(p) for p in args.inpod])
+        else:
+            proxy.listen()
+    except (OSError, NetnsError) as e:
+        log.error("cannot listen in netns %s: %s", args.netns,
+                  errno_text(e) if isinstance(e, OSError) else e)
         return 1
     wake_r, wake_w = socket.socketpair()
     wake_w.setblocking(False)
     signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: proxy.stop())
-    event_log.write("start", pid=os.getpid(), netns=args.netns, spoof=proxy.spoof,
-                    ports=sorted(proxy.listeners.values()))
+    extra = {"inpod": [p.path for p in proxy.pods]} if proxy.inpod else {}
+    ports = sorted(set(proxy.listeners.values()))
+    event_log.write("start", pid=os.getpid(), netns=args.netns, spoof=proxy.spoof, ports=ports, **extra)
     if args.ready_file:
-        write_ready(args.ready_file, {"pid": os.getpid(), "ports": sorted(proxy.listeners.values())})
+        write_ready(args.ready_file, {"pid": os.getpid(), "ports": ports, **extra})
     log.info("listening netns=%s ports=%s spoof=%s", args.netns,
              sorted(proxy.listeners.values()), proxy.spoof)
     reason = proxy.serve(identity, wake_r)

@@ -1,0 +1,301 @@
+"""The in-pod engine: observe -> plan -> apply -> verify for the in-pod design (inpod-mode.md §2-§3).
+
+The same machinery as the legacy :class:`~noderedirect.apply.Engine` (it is a subclass): the
+planner (:func:`noderedirect.plan.plan_netns` with ``ownership(role, "inpod")``: chains
+``ISTIO_*``, rule priority 32764 and table 100 inside pod netns), the same host calls and the
+same per-netns apply (``Engine._apply_netns``: ipset restore, one ``iptables-restore
+--noflush`` per table, routes, ip rules, then deletions). What differs:
+
+- **the netns**: the node's (the probe ipset and the ``ISTIO_POSTRT`` SNAT rule) and one per
+  ambient pod (roles ``pod:<namespace>/<name>``), given as ``{pod uid: NetnsRef}``; no ztunnel
+  netns, no tunnels, no sysctls;
+- **the canonical form**: in-pod templates keep upstream's spelling so the restore text matches
+  the upstream goldens byte for byte, but ``iptables-save`` prints the kernel's canonical form.
+  The planner compares observed with desired, so the desired rules are rewritten into that form
+  first (:func:`canonical`, exactly the normalisations of inpod-mode.md §2.4; the netns tests
+  check them against ``iptables-save`` on both backends);
+- **order**: pod netns first, the node last (the probe set only matters once a pod is enrolled);
+- **one pod** (:meth:`InpodEngine.pod_add`): what the node agent does per pod (§2.1, §3.2) — a
+  ``*-save`` probe, then upstream's restore text in one ``iptables-restore`` call, the ip rule
+  and the table-100 route inside the pod's netns, and the pod's entry in the node's probe set.
+
+IPv6 in-pod rules are rendered (``render --mode inpod``) but not applied here: the apply path
+restores IPv4 only, so an IPv6 values file is refused with a clear error. The native nft
+backend of in-pod mode (1.28+) is not implemented either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Mapping, Optional
+
+from . import desired as desired_mod
+from . import names, observe as observe_mod
+from .apply import ConflictError, ConvergenceError, Engine, Result
+from .host import Host, HostError, MissingFeature, NetlinkFailed, NetnsRef
+from .model import IptRule, NetnsState, Pod, Rendered, Values
+from .plan import NetnsPlan, Observation, ObservedRule, Plan, ownership, plan_netns, removal
+from .render import restore_text
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("iptables", "iptables-nft", "iptables-legacy")
+
+
+class InpodError(HostError):
+    """The in-pod engine cannot do what was asked (a pod without a netns, IPv6, a backend)."""
+
+
+# ---------------------------------------------------------------- canonical form (§2.4)
+
+
+_BARE_ADDR = re.compile(r"(?<!\S)(-[sd]) ([0-9A-Fa-f.:]+)(?=\s|$)")
+
+
+def canonical(rule: IptRule) -> IptRule:
+    """One rule in upstream's spelling -> as ``iptables-save`` prints it (inpod-mode.md §2.4):
+
+    - a bare ``-s``/``-d`` address gets its prefix length (``/32``, ``/128``);
+    - ``--to-port N`` (upstream's UDP DNS rule) is ``--to-ports N``;
+    - ``-p tcp [!] --dport`` gets the implicit ``-m tcp``;
+    - ``-m owner --socket-exists -p tcp`` is printed protocol first;
+    - TPROXY without ``--on-ip`` (1.21-1.23) shows ``--on-ip 0.0.0.0`` (``::`` for IPv6);
+    - ``-p tcp -i lo`` is printed interface first.
+
+    Legacy templates are written canonically already; this is only for in-pod rules.
+    """
+    a = rule.args
+    a = _BARE_ADDR.sub(lambda m: f"{m[1]} {m[2]}/{32 if '.' in m[2] else 128}", a)
+    a = re.sub(r"--to-port (?=\d)", "--to-ports ", a)
+    a = re.sub(r"-p tcp (! )?--dport", lambda m: f"-p tcp -m tcp {m[1] or ''}--dport", a)
+    a = a.replace("-m owner --socket-exists -p tcp", "-p tcp -m owner --socket-exists")
+    on_ip = "0.0.0.0" if rule.family == 4 else "::"
+    a = re.sub(r"(--on-port \d+) (--tproxy-mark)", rf"\1 --on-ip {on_ip} \2", a)
+    a = a.replace("-p tcp -i lo", "-i lo -p tcp")
+    return dataclasses.replace(rule, args=a)
+
+
+def canonical_netns(ns: NetnsState) -> NetnsState:
+    return dataclasses.replace(ns, iptables=tuple(canonical(r) for r in ns.iptables))
+
+
+def pod_role(pod: Pod) -> str:
+    return f"pod:{pod.key}"
+
+
+# ---------------------------------------------------------------- the engine
+
+
+class InpodEngine(Engine):
+    """One node in in-pod mode: its netns and the netns of each ambient pod on it."""
+
+    def __init__(self, values: Values, node_ns: NetnsRef, pods: Mapping[str, NetnsRef], *,
+                 backend: str = "iptables", rules: Optional[Path] = None):
+        if backend not in BACKENDS:
+            raise InpodError(f"backend {backend!r}: in-pod mode is applied with "
+                             f"{', '.join(BACKENDS)} (its native nft backend is not implemented)")
+        if desired_mod.inpod_ipv6(values):
+            raise InpodError("inpod.ipv6 is on: IPv6 in-pod rules are rendered but this engine "
+                             "applies IPv4 only; set inpod.ipv6: false")
+        # the legacy engine's per-netns machinery, pointed at the node alone; the ztunnel
+        # Host it makes is never started (in-pod mode has no ztunnel netns to program)
+        super().__init__(values, node_ns, node_ns, backend=backend, rules=rules)
+        self.hosts.pop("ztunnel").close()
+        self.pod_ns: dict[str, NetnsRef] = {}
+        self._pods_by_role: dict[str, Pod] = {}
+        by_uid = {p.uid: p for p in values.pods}
+        for uid, ref in pods.items():
+            if uid not in by_uid:
+                raise InpodError(f"netns given for pod UID {uid}, which the values do not list")
+            self._add_pod(by_uid[uid], NetnsRef.resolve(ref))
+        missing = [p.key for p in values.pods if p.uid not in self.pod_ns]
+        if missing:
+            raise InpodError(f"no network namespace for the ambient pod(s) {', '.join(missing)}: "
+                             "in-pod rules live inside each pod's netns")
+
+    def _add_pod(self, pod: Pod, ref: NetnsRef) -> None:
+        role = pod_role(pod)
+        self.pod_ns[pod.uid] = ref
+        self._pods_by_role[role] = pod
+        if role not in self.hosts:
+            self.hosts[role] = Host(ref)
+
+    # ------------------------------------------------------------ what we want
+
+    def check_features(self) -> None:
+        feats = self.hosts["node"].features()
+        if self.variant == "nft" and not feats.iptables_nft:
+            raise MissingFeature("iptables_nft", self.node_ns.spec,
+                                 "install iptables or use --backend iptables-legacy")
+        if self.variant == "legacy" and not feats.iptables_legacy:
+            raise MissingFeature("iptables_legacy", self.node_ns.spec, "use --backend iptables (nft)")
+        if not feats.ipset:
+            raise MissingFeature("ipset", self.node_ns.spec, "install ipset (the probe set needs it)")
+
+    def node_params(self) -> Values:
+        # in-pod rules use no HostIP, tunnel remote or GENEVE port: nothing to derive
+        return self.values
+
+    def desired(self) -> Rendered:
+        """The rendered in-pod design, every iptables rule in canonical form."""
+        rendered = desired_mod.render(self.values, "inpod", rules=self.rules)
+        return dataclasses.replace(rendered, netns=tuple(canonical_netns(ns) for ns in rendered.netns))
+
+    # ------------------------------------------------------------ what is there
+
+    def observe(self, want: NetnsState) -> Observation:
+        host = self.hosts[want.role]
+        own = ownership(want.role, "inpod")
+        seen = observe_mod.observe(host, want.role, variant=self.variant, tables=own.tables)
+        return Observation(
+            role=want.role, ipsets=observe_mod.settle_grown_sets(seen.ipsets, want.ipsets),
+            ipset_entries=seen.ipset_entries, iptables=seen.iptables,
+            chains=frozenset(seen.chains),
+            ip_rules=tuple(ObservedRule(o.rule, o.plain, o.text) for o in seen.ip_rules),
+            routes=tuple(r for r in seen.routes if r.table in own.tables))
+
+    def plan_one(self, want: NetnsState) -> NetnsPlan:
+        return plan_netns(want, self.observe(want), ownership(want.role, "inpod"))
+
+    # ------------------------------------------------------------ changing things
+
+    def apply(self, *, dry_run: bool = False) -> Result:
+        t0 = time.perf_counter()
+        self.check_features()
+        with self.locked():
+            rendered = self.desired()
+            p = self.plan(rendered)
+            if p.conflicts:
+                raise ConflictError("refusing to change anything: " + "; ".join(p.conflicts))
+            result = Result(plan=p)
+            if dry_run or p.empty:
+                result.seconds = time.perf_counter() - t0
+                return result
+            # pods first: the node's probe SNAT only matters for enrolled pods
+            order = [ns.role for ns in rendered.netns if ns.role != "node"] + ["node"]
+            for role in order:
+                ns_plan = p.get(role)
+                if ns_plan.changes:
+                    result.applied += self._apply_netns(rendered.get(role), ns_plan)
+            after = self.plan(rendered)
+            if not after.empty:
+                raise ConvergenceError("did not converge; still to change:\n" + after.text())
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def cleanup(self, *, dry_run: bool = False) -> Result:
+        """Remove exactly what is ours in the node netns and every pod netns."""
+        t0 = time.perf_counter()
+        with self.locked():
+            plans = []
+            for role in ["node"] + sorted(r for r in self.hosts if r != "node"):
+                obs = self.observe(NetnsState(role=role))
+                plans.append(removal(obs, ownership(role, "inpod")))
+            p = Plan(tuple(plans))
+            result = Result(plan=p)
+            if dry_run:
+                return result
+            for ns_plan in p.netns:
+                result.applied += self._cleanup_netns(ns_plan)
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    # ------------------------------------------------------------ one pod
+
+    def pod_add(self, pod: Pod, netns: "NetnsRef | str | None" = None) -> list[str]:
+        """Enroll one pod the way the node agent does (inpod-mode.md §2.1, §3.2), with no
+        full observe/plan of the node:
+
+        1. inside the pod's netns: an ``iptables-save`` probe (1.25+ does it too); with no
+           ``ISTIO_*`` chain there, upstream's restore text in ONE ``iptables-restore
+           --noflush`` call, then the table-100 local route and the ip rule 32764. A netns
+           that already holds our chains goes through the planner instead (repair, no
+           duplicate jumps);
+        2. in the node's netns: the pod's IP in the probe set, comment = pod UID.
+
+        Returns what was done, one line per step.
+        """
+        if netns is not None:
+            self._add_pod(pod, NetnsRef.resolve(netns))
+        if pod.uid not in self.pod_ns:
+            raise InpodError(f"no network namespace known for pod {pod.key} (uid {pod.uid})")
+        values = dataclasses.replace(self.values, pods=(pod,))
+        rendered = desired_mod.render(values, "inpod", rules=self.rules)
+        want = rendered.get(pod_role(pod))
+        host = self.hosts[pod_role(pod)]
+        done: list[str] = []
+        with self.locked():
+            saved = host.iptables_save(self.variant)
+            if any(line.startswith(":" + names.INPOD_CHAIN_PREFIX) for line in saved.splitlines()):
+                # not a fresh pod netns: converge it through the planner
+                canon = canonical_netns(want)
+                ns_plan = self.plan_one(canon)
+                if ns_plan.conflicts:
+                    raise ConflictError("; ".join(ns_plan.conflicts))
+                self._apply_netns(canon, ns_plan)
+                done += [c.line() for c in ns_plan.changes]
+            else:
+                host.iptables_restore(restore_text(want.rules_for(4)), self.variant, noflush=True)
+                done.append(f"iptables-restore --noflush: {len(want.rules_for(4))} rules")
+                for r in want.routes:
+                    host.route_replace(r)
+                    done.append(f"route replace {r.show_with_table()}")
+                have = {o.rule for o in host.ip_rules(4) if o.plain}
+                for r in want.ip_rules:
+                    if r not in have:
+                        host.rule_add(r)
+                        done.append(f"ip rule add {r.show().replace(chr(9), ' ')}")
+            node = self.hosts["node"]
+            node_state = rendered.get("node")
+            for e in node_state.ipset_entries:
+                try:
+                    node.ipset_add(e.set, e.ip, e.comment)
+                except NetlinkFailed as err:
+                    if err.code == errno.ENOENT:
+                        raise InpodError(f"{e.set} does not exist in {self.node_ns.spec}: "
+                                         "run apply first") from None
+                    raise
+                done.append(e.show())
+        if all(p.uid != pod.uid for p in self.values.pods):
+            self.values = dataclasses.replace(self.values, pods=self.values.pods + (pod,))
+        return done
+
+    def release(self, pod: Pod) -> None:
+        """Forget a pod without touching the kernel: its netns worker stops, and the engine no
+        longer plans it (what it holds stays). For callers that enroll many pods and keep
+        none of them in view."""
+        host = self.hosts.pop(pod_role(pod), None)
+        if host is not None:
+            host.close()
+        self.pod_ns.pop(pod.uid, None)
+        self._pods_by_role.pop(pod_role(pod), None)
+        self.values = dataclasses.replace(self.values,
+                                          pods=tuple(p for p in self.values.pods if p.uid != pod.uid))
+
+    def pod_remove(self, pod: Pod) -> list[str]:
+        """Unenroll one pod that keeps running (§4.7): its probe-set entry (only if the comment
+        is its UID), then everything of ours inside its netns."""
+        done: list[str] = []
+        node = self.hosts["node"]
+        sets = {e.set for e in desired_mod.render(dataclasses.replace(self.values, pods=(pod,)),
+                                                  "inpod", rules=self.rules).get("node").ipset_entries}
+        with self.locked():
+            for s in sorted(sets):
+                entry = node.ipset_entry(s, pod.ip)
+                if entry is not None and entry.comment not in (None, pod.uid):
+                    raise InpodError(f"{pod.ip} in {s} belongs to pod UID {entry.comment}, not {pod.uid}")
+                if entry is not None and node.ipset_del(s, pod.ip):
+                    done.append(f"del {s} {pod.ip}")
+            role = pod_role(pod)
+            if role in self.hosts:
+                p = removal(self.observe(NetnsState(role=role)), ownership(role, "inpod"))
+                self._cleanup_netns(p)
+                done += [c.line() for c in p.changes]
+        self.values = dataclasses.replace(self.values,
+                                          pods=tuple(p for p in self.values.pods if p.uid != pod.uid))
+        return done
