@@ -126,6 +126,22 @@ NFT_BASE_CHAINS = {
     ("filter", "OUTPUT"): ("filter", "output", 0),
 }
 
+# ---------------------------------------------------------------- rule ids
+# The reference's numbering (legacy-mode.md §1.3, §2.5): letter per (netns role, table, chain),
+# number = position in the chain (P1-P15, F1-F2, I1-I2, O1, N1-N2, NP1, FF1, Z1-Z4). nft comments,
+# the tracer and the lab's observed paths all name rules with these.
+RULE_ID_PREFIXES = {
+    ("node", "mangle", f"{CHAIN_PREFIX}PREROUTING"): "P",
+    ("node", "mangle", f"{CHAIN_PREFIX}FORWARD"): "F",
+    ("node", "mangle", f"{CHAIN_PREFIX}INPUT"): "I",
+    ("node", "mangle", f"{CHAIN_PREFIX}OUTPUT"): "O",
+    ("node", "nat", f"{CHAIN_PREFIX}PREROUTING"): "N",
+    ("node", "nat", f"{CHAIN_PREFIX}POSTROUTING"): "NP",
+    ("node", "filter", f"{CHAIN_PREFIX}FORWARD"): "FF",
+    ("ztunnel", "mangle", "PREROUTING"): "Z",
+}
+TUNNEL_RULE_PREFIX = "T"    # the VXLAN stand-in's outer-source check (not part of the original)
+
 # ---------------------------------------------------------------- ownership
 LEGACY_NODE_RULE_PRIOS = (PRIO_SKIP, PRIO_OUTBOUND, PRIO_PROXYRET, PRIO_INBOUND)
 LEGACY_NODE_TABLES = (TABLE_INBOUND, TABLE_OUTBOUND, TABLE_PROXY)

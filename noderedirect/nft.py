@@ -62,16 +62,7 @@ log = logging.getLogger(__name__)
 WHOLE = names.MARK_WHOLE
 
 # rule ids by chain: (role, iptables table, chain) -> prefix; the id is prefix + position
-RULE_IDS = {
-    ("node", "mangle", f"{names.CHAIN_PREFIX}PREROUTING"): "P",
-    ("node", "mangle", f"{names.CHAIN_PREFIX}FORWARD"): "F",
-    ("node", "mangle", f"{names.CHAIN_PREFIX}INPUT"): "I",
-    ("node", "mangle", f"{names.CHAIN_PREFIX}OUTPUT"): "O",
-    ("node", "nat", f"{names.CHAIN_PREFIX}PREROUTING"): "N",
-    ("node", "nat", f"{names.CHAIN_PREFIX}POSTROUTING"): "NP",
-    ("node", "filter", f"{names.CHAIN_PREFIX}FORWARD"): "FF",
-    ("ztunnel", "mangle", "PREROUTING"): "Z",
-}
+RULE_IDS = names.RULE_ID_PREFIXES
 HOOK_COMMENT = "hook"
 NO_LISTENER = "no listener"
 

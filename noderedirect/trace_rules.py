@@ -18,7 +18,7 @@ can never be traced silently wrong. Live rules (``trace --from netns``) may inst
 ``lenient``: a rule outside the vocabulary is kept as never matching, with the reason, and the
 walker shows a warning hop wherever it skips it.
 
-Rule ids follow :data:`noderedirect.nft.RULE_IDS` (P1-P15, F1-F2, I1-I2, O1, N1-N2, NP1, FF1,
+Rule ids follow :data:`noderedirect.names.RULE_ID_PREFIXES` (P1-P15, F1-F2, I1-I2, O1, N1-N2, NP1, FF1,
 Z1-Z4: the position of the rule in its chain, jumps from built-in chains not counted). The
 in-pod chains have no ids upstream; here they are numbered the same way with the prefixes of
 :data:`INPOD_RULE_IDS` (e.g. ``NOUT4`` = the 4th rule of nat ``ISTIO_OUTPUT``). Live rules are
@@ -41,7 +41,6 @@ from typing import Callable, Iterable, Optional
 
 from . import names
 from .model import IptRule
-from .nft import RULE_IDS
 
 WHOLE = names.MARK_WHOLE
 
@@ -391,7 +390,7 @@ def chain_bodies(rules: tuple[IptRule, ...]) -> dict[tuple[str, str], list[IptRu
 
 
 def rule_prefix(role: str, table: str, chain: str) -> Optional[str]:
-    return RULE_IDS.get((role, table, chain)) or INPOD_RULE_IDS.get((role, table, chain))
+    return names.RULE_ID_PREFIXES.get((role, table, chain)) or INPOD_RULE_IDS.get((role, table, chain))
 
 
 def _positional_ids(role: str, table: str, chain: str, body: list[IptRule]) -> list[str]:

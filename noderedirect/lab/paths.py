@@ -51,18 +51,12 @@ OBS_TABLE = "noderedirect-lab"
 NODE_DEVICES = (names.LINK_IN, names.LINK_OUT, ZTUNNEL_VETH, "eth0")
 ZTUNNEL_DEVICES = (names.PLINK_IN, names.PLINK_OUT, "eth0")
 IPT_VARIANT = {"iptables": "nft", "iptables-legacy": "legacy", "nft": None}
-# rule-id letter per (role, iptables table, chain): legacy-mode.md's numbering
+# rule-id letter per (role, iptables table, chain): legacy-mode.md's numbering, plus the
+# VXLAN stand-in's tunnel chain
 RULE_PREFIXES = {
-    ("node", "mangle", f"{names.CHAIN_PREFIX}PREROUTING"): "P",
-    ("node", "mangle", f"{names.CHAIN_PREFIX}FORWARD"): "F",
-    ("node", "mangle", f"{names.CHAIN_PREFIX}INPUT"): "I",
-    ("node", "mangle", f"{names.CHAIN_PREFIX}OUTPUT"): "O",
-    ("node", "nat", f"{names.CHAIN_PREFIX}PREROUTING"): "N",
-    ("node", "nat", f"{names.CHAIN_PREFIX}POSTROUTING"): "NP",
-    ("node", "filter", f"{names.CHAIN_PREFIX}FORWARD"): "FF",
-    ("node", "filter", names.CHAIN_TUNNEL): "T",
-    ("ztunnel", "filter", names.CHAIN_TUNNEL): "T",
-    ("ztunnel", "mangle", "PREROUTING"): "Z",
+    **names.RULE_ID_PREFIXES,
+    ("node", "filter", names.CHAIN_TUNNEL): names.TUNNEL_RULE_PREFIX,
+    ("ztunnel", "filter", names.CHAIN_TUNNEL): names.TUNNEL_RULE_PREFIX,
 }
 _SAVE_RULE = re.compile(r"^\[(\d+):(\d+)\] -A (\S+) (.*)$")
 _CT_MARK = re.compile(r"\bmark=(\d+)")
