@@ -55,7 +55,7 @@ from typing import Optional
 
 from . import names
 from .model import IpsetEntry, IpsetSet, IptRule, NetnsState, Rendered
-from .render import RenderError
+from .render import RenderError, chain_bodies
 
 log = logging.getLogger(__name__)
 
@@ -346,16 +346,9 @@ def nft_chain(table: str, chain: str) -> str:
 
 
 def _chain_bodies(rules: tuple[IptRule, ...]) -> dict[tuple[str, str], list[IptRule]]:
-    """Rules grouped by (table, chain) in their final order (``-I`` lands on top); jump
-    targets without rules get an empty body."""
-    chains: dict[tuple[str, str], list[IptRule]] = {}
-    for r in rules:
-        body = chains.setdefault((r.table, r.chain), [])
-        if r.op.startswith("-I"):
-            _, _, pos = r.op.partition(" ")
-            body.insert(int(pos) - 1 if pos else 0, r)
-        else:
-            body.append(r)
+    """Rules grouped by chain in their final order (render.chain_bodies); jump targets without
+    rules get an empty body."""
+    chains = chain_bodies(rules)
     for r in rules:
         t = r.target
         if t and t not in names.BUILTIN_TARGETS and names.is_owned_chain(t):

@@ -301,6 +301,20 @@ def render_family(family_dir: str, ctx: dict[str, Any], role: str,
 # ---------------------------------------------------------------- iptables text forms
 
 
+def chain_bodies(rules: Iterable[IptRule]) -> dict[tuple[str, str], list[IptRule]]:
+    """Rules grouped by (table, chain) in their final order: ``-I [N]`` inserts (at the top by
+    default), ``-A`` appends — the order iptables-save shows and rule ids number."""
+    chains: dict[tuple[str, str], list[IptRule]] = {}
+    for r in rules:
+        body = chains.setdefault((r.table, r.chain), [])
+        if r.op.startswith("-I"):
+            _, _, pos = r.op.partition(" ")
+            body.insert(int(pos) - 1 if pos else 0, r)
+        else:
+            body.append(r)
+    return chains
+
+
 def _tables_in(rules: Iterable[IptRule]) -> list[str]:
     present = {r.table for r in rules}
     return [t for t in names.TABLE_ORDER if t in present]

@@ -41,6 +41,7 @@ from typing import Callable, Iterable, Optional
 
 from . import names
 from .model import IptRule
+from .render import chain_bodies  # noqa: F401 - re-exported: the tracer numbers rules by it
 
 WHOLE = names.MARK_WHOLE
 
@@ -373,20 +374,6 @@ class _Parser:
 
 
 # ---------------------------------------------------------------- a whole netns
-
-
-def chain_bodies(rules: tuple[IptRule, ...]) -> dict[tuple[str, str], list[IptRule]]:
-    """Rules grouped by (table, chain) in their final order: ``-I`` lands on top (the order
-    iptables-save shows and :mod:`noderedirect.nft` numbers)."""
-    chains: dict[tuple[str, str], list[IptRule]] = {}
-    for r in rules:
-        body = chains.setdefault((r.table, r.chain), [])
-        if r.op.startswith("-I"):
-            _, _, pos = r.op.partition(" ")
-            body.insert(int(pos) - 1 if pos else 0, r)
-        else:
-            body.append(r)
-    return chains
 
 
 def rule_prefix(role: str, table: str, chain: str) -> Optional[str]:
