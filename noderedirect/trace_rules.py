@@ -41,7 +41,7 @@ from typing import Callable, Iterable, Optional
 
 from . import names
 from .model import IptRule
-from .render import chain_bodies  # noqa: F401 - re-exported: the tracer numbers rules by it
+from .render import chain_bodies
 
 WHOLE = names.MARK_WHOLE
 
