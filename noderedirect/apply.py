@@ -18,6 +18,7 @@ put them back (the original never restored them, W12).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import errno
@@ -35,7 +36,7 @@ from typing import Iterator, Optional, Sequence
 from . import desired as desired_mod
 from . import names, observe as observe_mod, tunnels
 from . import nftapply
-from .host import Host, HostError, MissingFeature, NetlinkFailed, NetnsRef
+from .host import Host, HostError, MissingFeature, NetlinkFailed, NetnsRef, route_batch_text
 from .model import IpRule, NetnsState, Pod, Rendered, Route, Sysctl, Values
 from .plan import Change, NetnsPlan, Observation, ObservedRule, Plan, ownership, plan_netns, removal
 
@@ -201,7 +202,18 @@ class Engine:
 
     def plan(self, rendered: Optional[Rendered] = None) -> Plan:
         rendered = rendered or self.desired()
-        return Plan(tuple(self.plan_one(ns) for ns in rendered.netns))
+        wants = list(rendered.netns)
+        if len(wants) < 2:
+            return Plan(tuple(self.plan_one(ns) for ns in wants))
+        # the netns are read side by side: each Host has its own thread and its reads are
+        # mostly waiting for ipset/iptables-save, so the waits overlap. Reading changes
+        # nothing; results (and the first error) come in netns order as before.
+        self.driver                                  # made once, before the threads use it
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(wants) - 1,
+                                                   thread_name_prefix="plan") as pool:
+            later = [pool.submit(self.plan_one, ns) for ns in wants[1:]]
+            first = self.plan_one(wants[0])          # on error the pool still waits for the rest
+            return Plan((first, *(f.result() for f in later)))
 
     def plan_one(self, want: NetnsState) -> NetnsPlan:
         if self.variant == "native":
@@ -258,6 +270,17 @@ class Engine:
         return [c for c in p.of("link") if c.action != "delete"]
 
     def _apply_netns(self, want: NetnsState, p: NetnsPlan) -> list[Change]:
+        routes = p.of("route")
+        add = [c.obj for c in routes if c.action in ("add", "replace")]
+        drifted = [c.old for c in routes if c.action == "replace"]   # same destination: out first
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="route-batch") as pool:
+            # the ip -batch text (every route validated) is pure work: made on the side while the
+            # writes before the routes wait for their processes, used at the same point as before
+            batch = pool.submit(route_batch_text, add=add, delete=drifted) if add else None
+            return self._write_netns(want, p, add, drifted, batch)
+
+    def _write_netns(self, want: NetnsState, p: NetnsPlan, add: list[Route], drifted: list[Route],
+                     batch: "Optional[concurrent.futures.Future[str]]") -> list[Change]:
         host = self.hosts[want.role]
         done: list[Change] = []
         if any(c.action != "delete" for c in p.of("link")):
@@ -273,17 +296,16 @@ class Engine:
             host.run(["ipset", "-exist", "restore"], input=p.ipset_script)
             done += [c for c in p.of("ipset") if c.action != "destroy"]
         for table, text in p.restore:
+            # one atomic iptables-restore per table (kernel-notes §5: atomicity is per table)
             host.iptables_restore(text, self.variant, noflush=True)
         done += p.of("iptables")
         if p.of("nft"):
             nftapply.execute(host, p.of("nft"))      # one transaction, before routes steer traffic
             done += p.of("nft")
         routes = p.of("route")
-        add = [c.obj for c in routes if c.action in ("add", "replace")]
-        drifted = [c.old for c in routes if c.action == "replace"]   # same destination: out first
         stale = [c.old for c in routes if c.action == "delete"]
-        if add:
-            host.routes_batch(delete=drifted, add=add)
+        if batch is not None:
+            host.routes_batch(delete=drifted, add=add, text=batch.result())
         for c in p.of("ip_rule"):
             if c.action == "add":
                 host.rule_add(c.obj)

@@ -603,6 +603,26 @@ def route_args(r: Route) -> list[str]:
     return args
 
 
+# shlex.quote leaves a word alone when it has none of these; a line of such words and single
+# spaces is its own shlex.join
+_UNSAFE_OR_SPACE = re.compile(r"[^\w@%+=:,./ -]", re.ASCII)
+
+
+def _batch_line(args: list[str]) -> str:
+    line = " ".join(args)
+    if _UNSAFE_OR_SPACE.search(line) is None and all(args) and line.count(" ") == len(args) - 1:
+        return line
+    return shlex.join(args)
+
+
+def route_batch_text(add: Iterable[Route] = (), delete: Iterable[Route] = ()) -> str:
+    """The ``ip -batch`` input that deletes ``delete`` then adds ``add`` (every route validated
+    by :func:`route_args`); empty when there is nothing to do. Pure."""
+    lines = [_batch_line(["route", "del", *route_args(r)]) for r in delete]
+    lines += [_batch_line(["route", "add", *route_args(r)]) for r in add]
+    return "".join(line + "\n" for line in lines)
+
+
 # ---------------------------------------------------------------- the host
 
 
@@ -976,18 +996,18 @@ class Host:
         self.netlink(change, f"route {op} '{r.show_with_table()}'")
         log.info("route %s netns=%s route=%r", op, self.ns.spec, r.show_with_table())
 
-    def routes_batch(self, add: Iterable[Route] = (), delete: Iterable[Route] = ()) -> None:
+    def routes_batch(self, add: Iterable[Route] = (), delete: Iterable[Route] = (), *,
+                     text: Optional[str] = None) -> None:
         """Delete, then add, many routes with one ``ip -batch -`` (about 20 ms per 1000).
+        ``text``: ``route_batch_text(add=add, delete=delete)`` when the caller made it ahead.
 
         Not atomic: ``ip`` stops at the first failing line, the lines before it stay applied.
         The error names that line.
         """
-        lines = [shlex.join(["route", "del", *route_args(r)]) for r in delete]
-        lines += [shlex.join(["route", "add", *route_args(r)]) for r in add]
-        if not lines:
-            return
-        self._batch(["ip", "-batch", "-"], "\n".join(lines) + "\n",
-                    re.compile(r"Command failed -:(\d+)"))
+        if text is None:
+            text = route_batch_text(add=add, delete=delete)
+        if text:
+            self._batch(["ip", "-batch", "-"], text, re.compile(r"Command failed -:(\d+)"))
 
     # ------------------------------------------------------------ ipset
 

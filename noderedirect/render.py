@@ -160,7 +160,21 @@ def parse_ip_rule(line: Line, family: int) -> IpRule:
     return IpRule(**kw)
 
 
+# `IP via IP dev NAME src IP table N`, the per-pod route: matched without the general walk (it
+# dominates at scale); every part is still checked, anything else takes the general path
+_POD_ROUTE = re.compile(r"(\d{1,3}(?:\.\d{1,3}){3}) via (\S+) dev (\S+) src (\S+) table (0|[1-9]\d*)")
+
+
 def parse_route(line: Line, family: int) -> Route:
+    m = _POD_ROUTE.fullmatch(line.text)
+    if m and _is_addr(m.group(2)) and _is_addr(m.group(4)):
+        try:
+            dst = ipaddress.IPv4Address(m.group(1))
+        except ValueError:
+            dst = None      # the general path names the error
+        if dst is not None:
+            return Route(table=int(m.group(5)), dst=f"{dst}/32", via=m.group(2), dev=m.group(3),
+                         src=m.group(4), family=4)
     toks = line.text.split()
     kw: dict[str, Any] = {}
     if toks and toks[0] in ("local", "unicast", "blackhole"):

@@ -21,7 +21,7 @@ import ast
 import functools
 import re
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\}")
 
@@ -45,6 +45,12 @@ class Line:
 
 def _lookup(ctx: dict[str, Any], dotted: str, where: str) -> Any:
     head, *rest = dotted.split(".")
+    return _resolve(ctx, dotted, head, rest, where)
+
+
+def _resolve(ctx: dict[str, Any], dotted: str, head: str, rest: "list[str] | tuple[str, ...]",
+             where: str) -> Any:
+    """``_lookup`` with the name already split (placeholders are split once per line)."""
     if head not in ctx:
         raise TemplateError(where, f"unknown name {head!r}")
     val = ctx[head]
@@ -76,53 +82,81 @@ def _parse(expr: str) -> ast.Expression:
     return tree
 
 
+_COMPARE = {ast.Eq: lambda a, b: a == b, ast.NotEq: lambda a, b: a != b,
+            ast.Lt: lambda a, b: a < b, ast.LtE: lambda a, b: a <= b,
+            ast.Gt: lambda a, b: a > b, ast.GtE: lambda a, b: a >= b,
+            ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b}
+
+Compiled = Callable[[dict[str, Any], str], Any]
+
+
+def _build(n: ast.AST, expr: str) -> Compiled:
+    """One vetted node as a function of (ctx, where): a loop evaluates the same @if for every
+    item, so the tree is walked once, not once per item."""
+    if isinstance(n, ast.Expression):
+        return _build(n.body, expr)
+    if isinstance(n, ast.Constant):
+        value = n.value
+        return lambda ctx, where: value
+    if isinstance(n, (ast.Tuple, ast.List)):
+        elts = [_build(e, expr) for e in n.elts]
+        return lambda ctx, where: tuple(e(ctx, where) for e in elts)
+    if isinstance(n, ast.Name):
+        name = n.id
+        return lambda ctx, where: _lookup(ctx, name, where)
+    if isinstance(n, ast.Attribute):
+        inner, dotted = _build(n.value, expr), "_." + n.attr
+        return lambda ctx, where: _lookup({"_": inner(ctx, where)}, dotted, where)
+    if isinstance(n, ast.UnaryOp):          # `not` is the only unary operator allowed
+        operand = _build(n.operand, expr)
+        return lambda ctx, where: not operand(ctx, where)
+    if isinstance(n, ast.BoolOp):
+        vals = [_build(v, expr) for v in n.values]
+        if isinstance(n.op, ast.And):
+            return lambda ctx, where: all(v(ctx, where) for v in vals)
+        return lambda ctx, where: any(v(ctx, where) for v in vals)
+    if isinstance(n, ast.Compare):
+        left = _build(n.left, expr)
+        pairs = [(_COMPARE[type(op)], _build(c, expr)) for op, c in zip(n.ops, n.comparators)]
+
+        def compare(ctx: dict[str, Any], where: str) -> bool:
+            a = left(ctx, where)
+            for op, comp in pairs:
+                b = comp(ctx, where)
+                if not op(a, b):
+                    return False
+                a = b
+            return True
+        return compare
+
+    def cannot(ctx: dict[str, Any], where: str) -> Any:  # pragma: no cover
+        raise TemplateError(where, f"cannot evaluate {expr!r}")
+    return cannot
+
+
+@functools.lru_cache(maxsize=512)
+def _compiled(expr: str) -> Compiled:
+    return _build(_parse(expr), expr)
+
+
 def evaluate(expr: str, ctx: dict[str, Any], where: str) -> Any:
     try:
-        tree = _parse(expr.strip())
+        fn = _compiled(expr.strip())
     except ValueError as e:
         raise TemplateError(where, str(e)) from None
-
-    def ev(n: ast.AST) -> Any:
-        if isinstance(n, ast.Expression):
-            return ev(n.body)
-        if isinstance(n, ast.Constant):
-            return n.value
-        if isinstance(n, (ast.Tuple, ast.List)):
-            return tuple(ev(e) for e in n.elts)
-        if isinstance(n, ast.Name):
-            return _lookup(ctx, n.id, where)
-        if isinstance(n, ast.Attribute):
-            return _lookup({"_": ev(n.value)}, "_." + n.attr, where)
-        if isinstance(n, ast.UnaryOp):
-            return not ev(n.operand)
-        if isinstance(n, ast.BoolOp):
-            vals = (ev(v) for v in n.values)
-            return all(vals) if isinstance(n.op, ast.And) else any(vals)
-        if isinstance(n, ast.Compare):
-            left = ev(n.left)
-            for op, comp in zip(n.ops, n.comparators):
-                right = ev(comp)
-                ok = {ast.Eq: lambda a, b: a == b, ast.NotEq: lambda a, b: a != b,
-                      ast.Lt: lambda a, b: a < b, ast.LtE: lambda a, b: a <= b,
-                      ast.Gt: lambda a, b: a > b, ast.GtE: lambda a, b: a >= b,
-                      ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b}[type(op)](left, right)
-                if not ok:
-                    return False
-                left = right
-            return True
-        raise TemplateError(where, f"cannot evaluate {expr!r}")  # pragma: no cover
-
-    return ev(tree)
+    return fn(ctx, where)
 
 
 @functools.lru_cache(maxsize=4096)
-def _pieces(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """A line split once into literal text and placeholder names (loops reuse the split)."""
+def _pieces(text: str) -> tuple[tuple[str, ...], tuple[tuple[str, str, tuple[str, ...]], ...]]:
+    """A line split once into literal text and placeholders (loops reuse the split); each
+    placeholder is (dotted name, head, rest of the path)."""
     literals, names_ = [], []
     pos = 0
     for m in _VAR.finditer(text):
         literals.append(text[pos:m.start()])
-        names_.append(m.group(1))
+        head, *rest = m.group(1).split(".")
+        names_.append((m.group(1), head, tuple(rest)))
         pos = m.end()
     literals.append(text[pos:])
     if "${" in "".join(literals):
@@ -136,8 +170,8 @@ def substitute(text: str, ctx: dict[str, Any], where: str) -> str:
     except ValueError as e:
         raise TemplateError(where, str(e)) from None
     out = [literals[0]]
-    for name, lit in zip(placeholders, literals[1:]):
-        val = _lookup(ctx, name, where)
+    for (name, head, rest), lit in zip(placeholders, literals[1:]):
+        val = _resolve(ctx, name, head, rest, where)
         if val is None:
             raise TemplateError(where, f"${{{name}}} has no value here")
         if isinstance(val, bool):
@@ -147,20 +181,39 @@ def substitute(text: str, ctx: dict[str, Any], where: str) -> str:
     return "".join(out)
 
 
+_TEXT, _SKIP, _DIRECTIVE = 0, 1, 2
+
+
+@functools.lru_cache(maxsize=64)
+def _scan(source: str, filename: str) -> tuple[tuple[int, str, str, int, str, str], ...]:
+    """Each source line once: (lineno, where, stripped text, kind, directive word, rest).
+    A loop body is walked once per item; this work is not repeated per item."""
+    out = []
+    for i, line in enumerate(source.splitlines()):
+        stripped = line.rstrip("\n").strip()
+        where = f"{filename}:{i + 1}"
+        if stripped.startswith("@"):
+            word, _, rest = stripped[1:].partition(" ")
+            out.append((i + 1, where, stripped, _DIRECTIVE, word, rest))
+        elif not stripped or stripped.startswith("#"):
+            out.append((i + 1, where, stripped, _SKIP, "", ""))
+        else:
+            out.append((i + 1, where, stripped, _TEXT, "", ""))
+    return tuple(out)
+
+
 def expand(source: str, filename: str, ctx: dict[str, Any]) -> list[Line]:
     """Expand a template into substituted lines (comments and blanks dropped)."""
-    raw = [(i + 1, line.rstrip("\n")) for i, line in enumerate(source.splitlines())]
+    raw = _scan(source, filename)
     pos = 0
 
     def block(ctx: dict[str, Any], active: bool, stop: tuple[str, ...]) -> tuple[list[Line], str]:
         nonlocal pos
         out: list[Line] = []
-        while pos < len(raw):
-            lineno, text = raw[pos]
-            where = f"{filename}:{lineno}"
-            stripped = text.strip()
-            if stripped.startswith("@"):
-                word, _, rest = stripped[1:].partition(" ")
+        n = len(raw)
+        while pos < n:
+            lineno, where, stripped, kind, word, rest = raw[pos]
+            if kind == _DIRECTIVE:
                 if word in stop:
                     return out, word
                 pos += 1
@@ -172,7 +225,7 @@ def expand(source: str, filename: str, ctx: dict[str, Any]) -> list[Line]:
                     raise TemplateError(where, f"unexpected @{word}")
                 continue
             pos += 1
-            if not stripped or stripped.startswith("#"):
+            if kind == _SKIP:
                 continue
             if active:
                 out.append(Line(filename, lineno, substitute(stripped, ctx, where)))
@@ -189,13 +242,12 @@ def expand(source: str, filename: str, ctx: dict[str, Any]) -> list[Line]:
             lines, word = block(ctx, active and cond and not taken, ("elif", "else", "end"))
             out += lines
             taken = taken or cond
-            lineno, text = raw[pos]
+            _, w2, stripped, _, _, _ = raw[pos]
             pos += 1
             if word == "end":
                 return out
-            w2 = f"{filename}:{lineno}"
             if word == "elif":
-                cond = bool(evaluate(text.strip()[5:], ctx, w2)) if active and not taken else False
+                cond = bool(evaluate(stripped[5:], ctx, w2)) if active and not taken else False
             else:
                 cond = True
 
