@@ -8,10 +8,19 @@ so rendered and observed state can be compared as text as well as by value.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass, field
 from typing import Optional
 
 from . import names
+
+
+def _canonical_v4(addr: str) -> bool:
+    """Four decimal numbers 0-255 without leading zeros (what ``str(IPv4Address)`` prints)."""
+    try:
+        return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, addr)) == addr
+    except (OSError, TypeError):
+        return False
 
 
 class Version(tuple):
@@ -215,13 +224,17 @@ class Route:
 
     def show(self) -> str:
         """As ``ip route show table N`` prints it."""
-        net = ipaddress.ip_network(self.dst)
-        if net.prefixlen == 0:
-            dst = "default"
-        elif net.prefixlen == net.max_prefixlen:
-            dst = str(net.network_address)
+        addr, _, plen = self.dst.partition("/")
+        if self.family == 4 and plen == "32" and _canonical_v4(addr):
+            dst = addr      # the per-pod shape: no network parse (it dominated planning at scale)
         else:
-            dst = str(net)
+            net = ipaddress.ip_network(self.dst)
+            if net.prefixlen == 0:
+                dst = "default"
+            elif net.prefixlen == net.max_prefixlen:
+                dst = str(net.network_address)
+            else:
+                dst = str(net)
         parts = []
         if self.type != "unicast":
             parts.append(self.type)

@@ -18,7 +18,6 @@ Foreign objects are never part of a plan, so apply cannot touch them.
 
 from __future__ import annotations
 
-import socket
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
@@ -246,35 +245,6 @@ def plan_ipsets(role: str, want_sets: Sequence[IpsetSet], want_entries: Sequence
     return out, text
 
 
-def _route_desc(r: Route) -> str:
-    """``r.show_with_table()``. For a canonical IPv4 host route (``a.b.c.d/32``, one per pod)
-    the destination is printed without parsing it as a network first: that parse was most of
-    planning a thousand new routes. Anything else is left to ``Route.show``."""
-    addr, _, plen = r.dst.partition("/")
-    if r.family != 4 or plen != "32" or not _canonical_v4(addr):
-        return r.show_with_table()
-    parts = [addr] if r.type == "unicast" else [r.type, addr]
-    if r.via:
-        parts += ["via", r.via]
-    if r.dev:
-        parts += ["dev", r.dev]
-    if r.scope:
-        parts += ["scope", r.scope]
-    if r.src:
-        parts += ["src", r.src]
-    if r.onlink:
-        parts.append("onlink")
-    return f"{' '.join(parts)} table {r.table}"
-
-
-def _canonical_v4(addr: str) -> bool:
-    """Four decimal numbers 0-255 without leading zeros (what ``str(IPv4Address)`` prints)."""
-    try:
-        return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, addr)) == addr
-    except (OSError, TypeError):
-        return False
-
-
 def plan_routes(role: str, want: Sequence[Route], have: Sequence[Route]) -> list[Change]:
     out = []
     have_set = Counter(have)
@@ -287,12 +257,12 @@ def plan_routes(role: str, want: Sequence[Route], have: Sequence[Route]) -> list
         if have_set[r] == 0:
             old = first_by_key.get((r.table, r.dst, r.type))
             reason = f"drifted: was {old.show()}" if old else "missing"
-            out.append(Change(role, "route", "replace" if old else "add", _route_desc(r), reason, obj=r, old=old))
+            out.append(Change(role, "route", "replace" if old else "add", r.show_with_table(), reason, obj=r, old=old))
     replaced = {c.old for c in out if c.old is not None}
     want_set = set(want)
     for h in have:
         if h not in want_set and h not in replaced:
-            out.append(Change(role, "route", "delete", _route_desc(h), "stale", old=h))
+            out.append(Change(role, "route", "delete", h.show_with_table(), "stale", old=h))
     return out
 
 

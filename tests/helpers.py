@@ -45,3 +45,19 @@ DELETE = _DELETE
 
 def strip_comments(text: str) -> str:
     return "".join(l + "\n" for l in text.splitlines() if l.strip() and not l.startswith("#"))
+
+
+def netns_unavailable() -> str:
+    """Why kernel tests cannot run here ('' when they can): they need root, iproute2 and nsenter."""
+    import os
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0:
+        return "needs root (network namespaces)"
+    if shutil.which("ip") is None or shutil.which("nsenter") is None:
+        return "needs iproute2 (ip netns) and nsenter"
+    cp = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    if cp.returncode != 0:
+        return f"`ip netns` is unavailable: {cp.stderr.strip()}"
+    return ""

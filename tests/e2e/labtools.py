@@ -7,6 +7,7 @@ import secrets
 import shutil
 import subprocess
 
+from helpers import netns_unavailable
 from noderedirect import names
 
 PREFIX_BASE = f"nrt{secrets.token_hex(2)}"
@@ -15,15 +16,7 @@ PREFIXES: set[str] = set()
 GUARDED_PRIOS = set(names.LEGACY_NODE_RULE_PRIOS) | set(names.LEGACY_ZTUNNEL_RULE_PRIOS)
 
 
-def why_not() -> str:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces)"
-    if shutil.which("ip") is None or shutil.which("nsenter") is None:
-        return "needs iproute2 (ip netns) and nsenter"
-    cp = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
-    if cp.returncode != 0:
-        return f"`ip netns` is unavailable: {cp.stderr.strip()}"
-    return ""
+why_not = netns_unavailable
 
 
 SKIP = why_not()

@@ -23,21 +23,14 @@ import time
 
 import pytest
 
+from helpers import netns_unavailable
 from noderedirect import names
 from noderedirect.host import Host, NetnsRef
 
 GUARDED_PRIOS = set(names.LEGACY_NODE_RULE_PRIOS) | set(names.LEGACY_ZTUNNEL_RULE_PRIOS)
 
 
-def _why_no_netns() -> str:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces)"
-    if shutil.which("ip") is None or shutil.which("nsenter") is None:
-        return "needs iproute2 (ip netns) and nsenter"
-    cp = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
-    if cp.returncode != 0:
-        return f"`ip netns` is unavailable: {cp.stderr.strip()}"
-    return ""
+_why_no_netns = netns_unavailable
 
 
 _SKIP = _why_no_netns()
