@@ -6,8 +6,10 @@ dumping every table. The engine reads table 100 (one route per enrolled pod) on 
 verify, so those reads use this module instead: the kernel filters the dump by table
 (``NETLINK_GET_STRICT_CHK``) and only the attributes the model needs are decoded.
 
-Covered, nothing more: route dumps of one table, deleting every route of one prefix (the kernel
-echoes what it deleted), link and IPv4 address dumps (the fields :class:`~noderedirect.host.LinkInfo`
+Covered, nothing more: route dumps of one table, adding and deleting many routes in a few
+datagrams (:meth:`Socket.batch`), deleting every route of one prefix (the kernel
+echoes what it deleted), ``ip route get``, creating VXLAN/GENEVE links, setting a link up,
+down or its MTU, adding and removing an address, link and IPv4 address dumps (the fields :class:`~noderedirect.host.LinkInfo`
 carries), and finding one member (with its comment) of one ipset.
 
 A socket belongs to the network namespace of the thread that creates it; :class:`Socket` is
@@ -16,6 +18,7 @@ created and used on a Host's netns worker thread only. Pure stdlib, no I/O besid
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -30,6 +33,8 @@ NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
 NLM_F_ECHO = 0x8
 NLM_F_DUMP = 0x300
+NLM_F_EXCL = 0x200          # new requests: fail if it exists (`ip route add`)
+NLM_F_CREATE = 0x400
 NLM_F_CAPPED = 0x100        # on an error message: the request payload is not echoed back
 NLM_F_ACK_TLVS = 0x200      # on an error message: extended-ack attributes follow
 NLMSGERR_ATTR_MSG = 1
@@ -43,9 +48,18 @@ NETLINK_GET_STRICT_CHK = 12
 
 # ---------------------------------------------------------------- rtnetlink (linux/rtnetlink.h)
 RTM_NEWLINK = 16
+RTM_DELLINK = 17
 RTM_GETLINK = 18
 RTM_NEWADDR = 20
+RTM_DELADDR = 21
 RTM_GETADDR = 22
+RTM_NEWROUTE = 24
+RTM_NEWRULE = 32
+FRA_GOTO = 4
+FRA_PRIORITY = 6
+FRA_FWMARK = 10
+FRA_TABLE = 15
+FRA_FWMASK = 16
 RTM_DELROUTE = 25
 RTM_GETROUTE = 26
 RTA_DST = 1
@@ -59,6 +73,8 @@ RT_TABLE_COMPAT = 252       # rtm_table when the real id (> 255) is only in RTA_
 RT_SCOPE_NOWHERE = 255      # in a delete request: any scope
 IFA_ADDRESS = 1
 IFA_LOCAL = 2
+IFA_BROADCAST = 4
+IFF_UP = 0x1
 IFLA_IFNAME = 3
 IFLA_MTU = 4
 IFLA_LINK = 5
@@ -67,6 +83,7 @@ IFLA_INFO_KIND = 1
 IFLA_INFO_DATA = 2
 IFLA_VXLAN_ID = 1
 IFLA_VXLAN_GROUP = 2
+IFLA_VXLAN_LEARNING = 7
 IFLA_VXLAN_PORT = 15        # big-endian
 IFLA_VXLAN_COLLECT_METADATA = 25
 IFLA_GENEVE_ID = 1
@@ -102,6 +119,9 @@ _I32 = struct.Struct("=i")
 # Dump replies are at most ~32 KiB per datagram (the kernel caps its dump buffers there);
 # anything larger than this buffer is reported, never silently truncated.
 RECV_BUFFER = 1 << 18
+# requests per datagram in Socket.batch: 256 routes are ~20 KiB, and even if every one of them
+# is refused the answers (error code, header, the kernel's message) fit a receive buffer
+BATCH_CHUNK = 256
 
 
 class NetlinkReplyError(OSError):
@@ -182,26 +202,73 @@ class Socket:
         self.sock.send(_NLMSGHDR.pack(16 + len(payload), mtype, flags, seq, 0) + payload)
         out: list[Message] = []
         while True:
-            n = self.sock.recv_into(self._buf, 0, socket.MSG_TRUNC)
-            if n > len(self._buf):
-                raise NetlinkReplyError(0, f"netlink reply of {n} bytes exceeds the {len(self._buf)} byte buffer")
-            data = bytes(self._buf[:n])
-            off = 0
-            while off + 16 <= n:
-                length, rtype, rflags, rseq, _ = _NLMSGHDR.unpack_from(data, off)
-                if length < 16:
-                    break
-                end = min(off + length, n)
-                if rseq == seq:          # anything else is a late reply to an abandoned request
-                    if rtype == NLMSG_ERROR:
+            for rtype, rflags, rseq, data, off, end in read_datagram(self.sock, self._buf):
+                if rseq != seq:          # a late reply to an abandoned request
+                    continue
+                if rtype == NLMSG_ERROR:
+                    _raise_error(data, off, end, rflags, done=False)
+                    return out           # error 0: the ACK
+                if rtype == NLMSG_DONE:
+                    if end - off >= 20:
+                        _raise_error(data, off, end, rflags, done=True)
+                    return out
+                out.append(Message(rtype, data, off + 16, end))
+
+    def batch(self, requests: "list[tuple[int, int, bytes]]", chunk: int = BATCH_CHUNK
+              ) -> list[tuple[int, "NetlinkReplyError"]]:
+        """Send many ``(type, flags, payload)`` requests, ``chunk`` to a datagram, and return
+        ``(index, error)`` for each one the kernel refused (empty: all done).
+
+        The kernel handles the messages of a datagram one after the other and answers each
+        failure whatever the request's flags, so only the last message of a datagram asks
+        for an ACK: once that one is answered, every message before it has been handled and
+        its errors, if any, have arrived. A refused request does not stop the ones after it.
+        """
+        refused: list[tuple[int, NetlinkReplyError]] = []
+        for first in range(0, len(requests), chunk):
+            part = requests[first:first + chunk]
+            seq0 = self._seq + 1
+            self._seq += len(part)
+            last = self._seq
+            buf = bytearray()
+            for i, (mtype, flags, payload) in enumerate(part):
+                if i == len(part) - 1:
+                    flags |= NLM_F_ACK
+                buf += _NLMSGHDR.pack(16 + len(payload), mtype, flags | NLM_F_REQUEST, seq0 + i, 0)
+                buf += payload
+            self.sock.send(buf)
+            refused += [(first + seq - seq0, err) for seq, err in self._answers(seq0, last)]
+        return refused
+
+    def _answers(self, seq0: int, last: int) -> list[tuple[int, "NetlinkReplyError"]]:
+        """The errors for sequence numbers ``seq0..last``, read until ``last`` is answered."""
+        out: list[tuple[int, NetlinkReplyError]] = []
+        while True:
+            for rtype, rflags, rseq, data, off, end in read_datagram(self.sock, self._buf):
+                if rtype == NLMSG_ERROR and seq0 <= rseq <= last:
+                    try:
                         _raise_error(data, off, end, rflags, done=False)
-                        return out       # error 0: the ACK
-                    if rtype == NLMSG_DONE:
-                        if end - off >= 20:
-                            _raise_error(data, off, end, rflags, done=True)
+                    except NetlinkReplyError as e:
+                        out.append((rseq, e))
+                    if rseq == last:
                         return out
-                    out.append(Message(rtype, data, off + 16, end))
-                off += (length + 3) & ~3
+
+
+def read_datagram(sock: socket.socket, buf: bytearray) -> Iterator[tuple[int, int, int, bytes, int, int]]:
+    """Receive one datagram into ``buf``; yield ``(type, flags, seq, data, start, end)`` per
+    message in it (``start``: its header). A datagram larger than ``buf`` is an error, never
+    silently truncated."""
+    n = sock.recv_into(buf, 0, socket.MSG_TRUNC)
+    if n > len(buf):
+        raise NetlinkReplyError(errno.EMSGSIZE, f"netlink reply of {n} bytes exceeds the {len(buf)} byte buffer")
+    data = bytes(buf[:n])
+    off = 0
+    while off + 16 <= n:
+        length, rtype, rflags, rseq, _ = _NLMSGHDR.unpack_from(data, off)
+        if length < 16:
+            return
+        yield rtype, rflags, rseq, data, off, min(off + length, n)
+        off += (length + 3) & ~3
 
 
 def _raise_error(data: bytes, off: int, end: int, flags: int, done: bool) -> None:
@@ -258,6 +325,58 @@ def route_delete_request(af: int, dst: bytes, dst_len: int, table: int) -> bytes
     rtm_table, table_attr = _table_fields(table)
     return (_RTMSG.pack(af, dst_len, 0, 0, rtm_table, 0, RT_SCOPE_NOWHERE, 0, 0)
             + nla(RTA_DST, dst) + table_attr)
+
+
+def route_request(af: int, dst: bytes, dst_len: int, table: int, rtype: int, scope: int,
+                  protocol: int, flags: int, gateway: Optional[bytes], oif: Optional[int],
+                  prefsrc: Optional[bytes]) -> bytes:
+    """RTM_NEWROUTE / RTM_DELROUTE payload for one route, every field given (a delete with the
+    same fields removes exactly that route: scope, type and next hop must match)."""
+    rtm_table, table_attr = _table_fields(table)
+    out = _RTMSG.pack(af, dst_len, 0, 0, rtm_table, protocol, scope, rtype, flags) + table_attr
+    if dst_len:
+        out += nla(RTA_DST, dst)
+    if prefsrc:
+        out += nla(RTA_PREFSRC, prefsrc)
+    if gateway:
+        out += nla(RTA_GATEWAY, gateway)
+    if oif is not None:
+        out += nla(RTA_OIF, _U32.pack(oif))
+    return out
+
+
+def route_request_around_dst(af: int, dst_len: int, table: int, rtype: int, scope: int,
+                             protocol: int, flags: int, gateway: Optional[bytes],
+                             oif: Optional[int], prefsrc: Optional[bytes]) -> tuple[bytes, bytes]:
+    """``(head, tail)`` with ``head + dst + tail == route_request(…, dst, …)`` for any ``dst``
+    of the family's length: routes that differ only in their destination (one per pod) share
+    one head and tail, and each request is then two concatenations."""
+    if not dst_len:
+        return route_request(af, b"", 0, table, rtype, scope, protocol, flags, gateway, oif, prefsrc), b""
+    size = 4 if af == socket.AF_INET else 16
+    whole = route_request(af, bytes(size), dst_len, table, rtype, scope, protocol, flags, gateway,
+                          oif, prefsrc)
+    at = _RTMSG.size + 8 + 4          # rtmsg, RTA_TABLE, then RTA_DST's own header
+    return whole[:at], whole[at + size:]
+
+
+def rule_request(af: int, priority: int, action: int, table: Optional[int], goto: Optional[int],
+                 fwmark: Optional[int], fwmask: Optional[int]) -> bytes:
+    """RTM_NEWRULE payload (fib_rule_hdr has rtmsg's layout): a priority, an action (lookup a
+    table or goto a priority) and optionally a mark/mask selector; nothing else."""
+    rtm_table = 0
+    out = b""
+    if table is not None:
+        rtm_table = table if table < 256 else RT_TABLE_COMPAT
+        out += nla(FRA_TABLE, _U32.pack(table))
+    out += nla(FRA_PRIORITY, _U32.pack(priority))
+    if goto is not None:
+        out += nla(FRA_GOTO, _U32.pack(goto))
+    if fwmark is not None:
+        out += nla(FRA_FWMARK, _U32.pack(fwmark))
+    if fwmask is not None:
+        out += nla(FRA_FWMASK, _U32.pack(fwmask))
+    return _RTMSG.pack(af, 0, 0, 0, rtm_table, 0, 0, action, 0) + out
 
 
 def decode_route(msg: Message) -> RawRoute:
@@ -324,6 +443,55 @@ def link_dump_request() -> bytes:
 
 def addr_dump_request(af: int) -> bytes:
     return _IFADDRMSG.pack(af, 0, 0, 0, 0)
+
+
+def link_create_request(name: str, kind: str, data: bytes) -> bytes:
+    """RTM_NEWLINK payload creating ``name`` of ``kind`` with IFLA_INFO_DATA ``data``."""
+    info = nla(IFLA_INFO_KIND, kind.encode()) + nla(IFLA_INFO_DATA | NLA_F_NESTED, data)
+    return (_IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + nla(IFLA_IFNAME, name.encode() + b"\0")
+            + nla(IFLA_LINKINFO | NLA_F_NESTED, info))
+
+
+def vxlan_data(vni: int, remote: Optional[bytes], port: Optional[int], learning: Optional[int]) -> bytes:
+    out = nla(IFLA_VXLAN_ID, _U32.pack(vni))
+    if remote is not None:
+        out += nla(IFLA_VXLAN_GROUP, remote)
+    if learning is not None:
+        out += nla(IFLA_VXLAN_LEARNING, bytes([learning]))
+    if port is not None:
+        out += nla(IFLA_VXLAN_PORT, _BE16.pack(port))
+    return out
+
+
+def geneve_data(vni: int, remote: Optional[bytes], port: Optional[int]) -> bytes:
+    out = nla(IFLA_GENEVE_ID, _U32.pack(vni))
+    if remote is not None:
+        out += nla(IFLA_GENEVE_REMOTE, remote)
+    if port is not None:
+        out += nla(IFLA_GENEVE_PORT, _BE16.pack(port))
+    return out
+
+
+def link_set_request(index: int, flags: int = 0, change: int = 0, mtu: Optional[int] = None) -> bytes:
+    """RTM_NEWLINK payload changing link ``index``: the ``change`` bits of its flags, its MTU."""
+    out = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, flags, change)
+    if mtu is not None:
+        out += nla(IFLA_MTU, _U32.pack(mtu))
+    return out
+
+
+def addr_request(af: int, index: int, local: bytes, prefixlen: int, broadcast: Optional[bytes]) -> bytes:
+    """RTM_NEWADDR / RTM_DELADDR payload: ``local`` as both local and peer address (what
+    ``ip addr add`` sends for a non-point-to-point address)."""
+    out = _IFADDRMSG.pack(af, prefixlen, 0, 0, index) + nla(IFA_LOCAL, local) + nla(IFA_ADDRESS, local)
+    if broadcast is not None:
+        out += nla(IFA_BROADCAST, broadcast)
+    return out
+
+
+def route_get_request(af: int, dst: bytes) -> bytes:
+    """RTM_GETROUTE payload asking how the kernel would route to ``dst`` (``ip route get``)."""
+    return _RTMSG.pack(af, len(dst) * 8, 0, 0, 0, 0, 0, 0, 0) + nla(RTA_DST, dst)
 
 
 def decode_link(msg: Message) -> RawLink:

@@ -2,15 +2,22 @@
 
 It is the only writer. Order, and why:
 
-1. Everything is observed and planned first; a conflict (tables/priorities used by someone
-   else) refuses the whole apply before anything changes.
-2. The ztunnel netns is programmed before the node netns, so capture only starts once the
-   receiving side (tunnel ends, TPROXY rules, local table) is ready.
+1. Both netns are read while the templates render (reading waits on the kernel and on
+   iptables-save; rendering is pure work), then planned; a conflict (tables/priorities used by
+   someone else) refuses the whole apply before anything changes.
+2. The ztunnel netns is programmed before the node netns starts capturing, so capture only
+   starts once the receiving side (tunnel ends, TPROXY rules, local table) is ready. On a first
+   apply (none of our ip rules in the node yet) the node's inert part is written at the same
+   time as the ztunnel netns: nothing there steers a packet until the node's iptables rules and
+   ip rules exist, and those come after the ztunnel netns is done.
 3. Within a netns: links -> sysctls (some name the links) -> ipset (before any rule that
-   references it) -> iptables, one ``iptables-restore --noflush`` per table -> routes -> ip rules
-   (tables are filled before traffic is steered into them) -> then deletions in reverse:
-   stale ip rules, stale routes, stale ipsets (after the rules that used them), stale links.
-4. Verify: observe and plan again; anything left is a ``ConvergenceError`` ("did not converge").
+   references it) -> routes (our tables are reached only through our ip rules; written after
+   an anchor that marks the netns as ours, so a crash cannot leave them looking foreign) ->
+   iptables, one ``iptables-restore --noflush`` per table (with ``--backend nft``: our nft
+   table, then the routes) -> ip rules (tables are filled before traffic is
+   steered into them) -> then deletions in reverse: stale ip rules, stale routes, stale ipsets
+   (after the rules that used them), stale links.
+4. Verify: read and plan again; anything left is a ``ConvergenceError`` ("did not converge").
 
 Sysctl values found before the first change are recorded in the state directory so cleanup can
 put them back (the original never restored them, W12).
@@ -28,6 +35,7 @@ import json
 import logging
 import os
 import re
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,12 +44,13 @@ from typing import Iterator, Optional, Sequence
 from . import desired as desired_mod
 from . import names, observe as observe_mod, tunnels
 from . import nftapply
-from .host import Host, HostError, MissingFeature, NetlinkFailed, NetnsRef, route_batch_text
+from .host import Host, HostError, MissingFeature, NetlinkFailed, NetnsRef, lend
 from .model import IpRule, NetnsState, Pod, Rendered, Route, Sysctl, Values
 from .plan import Change, NetnsPlan, Observation, ObservedRule, Plan, ownership, plan_netns, removal
 
 log = logging.getLogger(__name__)
 
+ROLES = ("node", "ztunnel")
 BACKENDS = {"iptables": "nft", "iptables-nft": "nft", "iptables-legacy": "legacy", "nft": "native"}
 
 
@@ -70,6 +79,8 @@ class Result:
     applied: list[Change] = field(default_factory=list)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # seconds per phase of an apply: observe+render+plan (side by side), write, verify
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def changed(self) -> bool:
@@ -89,11 +100,19 @@ class Engine:
         self.variant = BACKENDS[backend]
         self.rules = rules
         self.hosts = {"node": Host(node_ns), "ztunnel": Host(zt_ns)}
+        # the tunnel drivers take netns paths: they get these hosts (threads, sockets) back
+        self._lent = contextlib.ExitStack()
+        for path, h in {h.ns.path: h for h in reversed(self.hosts.values())}.items():
+            self._lent.enter_context(lend(h))         # one per netns: the first host of a path
         self.tunnel_kind = tunnel
         self._driver: Optional[tunnels.TunnelDriver] = None
+        self._features_ok = False
+        # iptables tables found by this apply's read, per role: what existed before we wrote
+        self._tables_seen: dict[str, frozenset[str]] = {}
         self.notes: list[str] = []
 
     def close(self) -> None:
+        self._lent.close()
         for h in self.hosts.values():
             h.close()
 
@@ -112,7 +131,14 @@ class Engine:
         return self._driver
 
     def check_features(self) -> None:
-        """Missing binaries or kernel features: one line, before anything changes."""
+        """Missing binaries or kernel features: one line, before anything changes. Checked
+        once per Engine: a long-running agent does not probe the kernel on every resync."""
+        if self._features_ok:
+            return
+        self._check_features()
+        self._features_ok = True
+
+    def _check_features(self) -> None:
         self.driver.check(self.node_ns.path, self.zt_ns.path)
         feats = self.hosts["node"].features()
         if self.variant == "nft" and not feats.iptables_nft:
@@ -157,7 +183,9 @@ class Engine:
         return dataclasses.replace(self.values, node=dataclasses.replace(n, **changes))
 
     def desired(self) -> Rendered:
-        values = self.node_params()
+        return self._desired_for(self.node_params())
+
+    def _desired_for(self, values: Values) -> Rendered:
         # rendering dominates a no-change resync at scale: reuse it while the (derived) values,
         # i.e. everything the templates see, are unchanged
         cached = getattr(self, "_desired_cache", None)
@@ -182,14 +210,23 @@ class Engine:
 
     # ------------------------------------------------------------ what is there
 
-    def observe(self, want: NetnsState) -> Observation:
+    def _read(self, role: str) -> observe_mod.Observed:
+        """Everything of one netns that does not depend on the rendered state."""
+        seen = observe_mod.observe(self.hosts[role], role, variant=self.variant,
+                                   tables=ownership(role).tables)
+        self._tables_seen[role] = seen.iptables_tables
+        return seen
+
+    def observe(self, want: NetnsState, seen: Optional[observe_mod.Observed] = None) -> Observation:
+        """What the planner compares ``want`` with; ``seen``: this netns read already."""
         if self.variant == "native":
             return self._observe_nft(want)
         host = self.hosts[want.role]
         own = ownership(want.role)
+        if seen is None:
+            seen = self._read(want.role)
         keys = [s.key for s in want.sysctls]
-        seen = observe_mod.observe(host, want.role, variant=self.variant, tables=own.tables,
-                                   sysctl_keys=keys)
+        values = host.sysctl_get(keys) if keys else {}
         return Observation(
             role=want.role, ipsets=observe_mod.settle_grown_sets(seen.ipsets, want.ipsets),
             ipset_entries=seen.ipset_entries,
@@ -198,22 +235,42 @@ class Engine:
             routes=tuple(r for r in seen.routes if r.table in own.tables),
             links=observe_mod.tunnel_links(self.driver, host.ns.path, seen.links,
                                            (l.name for l in want.links)),
-            sysctls=tuple(s for s in seen.sysctls if s.value is not None))
+            sysctls=tuple(Sysctl(key=k, value=v) for k, v in values.items() if v is not None))
+
+    # reading both netns while rendering: this engine's two netns are fixed and known upfront
+    _reads_early = True
 
     def plan(self, rendered: Optional[Rendered] = None) -> Plan:
-        rendered = rendered or self.desired()
-        wants = list(rendered.netns)
-        if len(wants) < 2:
-            return Plan(tuple(self.plan_one(ns) for ns in wants))
-        # the netns are read side by side: each Host has its own thread and its reads are
-        # mostly waiting for ipset/iptables-save, so the waits overlap. Reading changes
-        # nothing; results (and the first error) come in netns order as before.
+        """Observe and plan every netns. Without ``rendered``, the kernel is read while the
+        templates render (reading waits on the kernel and iptables-save; rendering is pure work)."""
         self.driver                                  # made once, before the threads use it
-        with concurrent.futures.ThreadPoolExecutor(max_workers=len(wants) - 1,
-                                                   thread_name_prefix="plan") as pool:
-            later = [pool.submit(self.plan_one, ns) for ns in wants[1:]]
-            first = self.plan_one(wants[0])          # on error the pool still waits for the rest
-            return Plan((first, *(f.result() for f in later)))
+        early: dict[str, concurrent.futures.Future] = {}
+        with contextlib.ExitStack() as stack:
+            if rendered is None and self._reads_early and self.variant != "native":
+                values = self.node_params()          # reads the node netns first: not queued behind
+                pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(
+                    max_workers=len(ROLES), thread_name_prefix="read"))
+                early = {role: pool.submit(self._read, role) for role in ROLES}
+                rendered = self._desired_for(values)
+            elif rendered is None:
+                rendered = self.desired()
+            wants = list(rendered.netns)
+            if len(wants) < 2:
+                return Plan(tuple(self._plan_one(ns, early) for ns in wants))
+            # the netns are planned side by side: each Host has its own thread and its reads
+            # are mostly waiting for the kernel or a tool, so the waits overlap. Reading changes
+            # nothing; results (and the first error) come in netns order.
+            with concurrent.futures.ThreadPoolExecutor(max_workers=len(wants) - 1,
+                                                       thread_name_prefix="plan") as pool:
+                later = [pool.submit(self._plan_one, ns, early) for ns in wants[1:]]
+                first = self._plan_one(wants[0], early)   # on error the pool still waits
+                return Plan((first, *(f.result() for f in later)))
+
+    def _plan_one(self, want: NetnsState, early: dict) -> NetnsPlan:
+        seen = early.get(want.role)
+        if seen is None:
+            return self.plan_one(want)
+        return plan_netns(want, self.observe(want, seen.result()), ownership(want.role))
 
     def plan_one(self, want: NetnsState) -> NetnsPlan:
         if self.variant == "native":
@@ -238,30 +295,61 @@ class Engine:
         self.notes = []
         self.check_features()
         with self.locked():
-            rendered = self.desired()
-            p = self.plan(rendered)
+            self._tables_seen = {}
+            p = self.plan()
+            rendered = self.desired()                # the render plan() made (cached)
+            t_plan = time.perf_counter()
             if p.conflicts:
                 raise ConflictError("refusing to change anything: " + "; ".join(p.conflicts))
             result = Result(plan=p, notes=list(self.notes))
+            result.timings["observe+render+plan"] = t_plan - t0
             if dry_run or p.empty:
                 result.seconds = time.perf_counter() - t0
                 return result
-            for role in ("ztunnel", "node"):
-                ns_plan = p.get(role)
-                want = rendered.get(role)
-                if any(c.action == "replace" for c in ns_plan.of("link")):
-                    # a re-created link takes its routes and per-device sysctls with it (e.g. a
-                    # new ztunnel IP changes the tunnel remote): replace links first, then plan
-                    # the rest of this netns again so those come back in this same apply (a link
-                    # created from nothing had nothing to lose: no second plan then)
-                    result.applied += self._apply_links(want, ns_plan)
-                    ns_plan = self.plan_one(want)
-                result.applied += self._apply_netns(want, ns_plan)
+            result.applied += self._write(rendered, p)
+            t_write = time.perf_counter()
             after = self.plan(rendered)
             if not after.empty:
                 raise ConvergenceError("did not converge; still to change:\n" + after.text())
         result.seconds = time.perf_counter() - t0
+        result.timings.update(write=t_write - t_plan, verify=result.seconds - (t_write - t0))
         return result
+
+    def _write(self, rendered: Rendered, p: Plan) -> list[Change]:
+        """Both netns, ztunnel's first: capture (the node's iptables rules and ip rules) only
+        starts once the receiving side is ready. While the node does not capture yet (none of
+        our ip rules there: a first apply), its inert part (links, sysctls, routes in our
+        tables, the ipset) is written at the same time as the ztunnel netns."""
+        zt_plan, node_plan = p.get("ztunnel"), p.get("node")
+        zt_want, node_want = rendered.get("ztunnel"), rendered.get("node")
+        replaced = any(c.action == "replace" for q in (zt_plan, node_plan) for c in q.of("link"))
+        if not replaced and self._capture_off(node_want, node_plan):
+            with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as pool:
+                node_first = pool.submit(self._write_inert, node_want, node_plan)
+                try:
+                    zt_done = self._write_netns(zt_want, zt_plan)
+                except BaseException:
+                    concurrent.futures.wait([node_first])   # ztunnel's error is the one told
+                    raise
+                node_done = node_first.result()
+            return zt_done + node_done + self._write_steering(node_want, node_plan)
+        done: list[Change] = []
+        for want, ns_plan in ((zt_want, zt_plan), (node_want, node_plan)):
+            if any(c.action == "replace" for c in ns_plan.of("link")):
+                # a re-created link takes its routes and per-device sysctls with it (e.g. a
+                # new ztunnel IP changes the tunnel remote): replace links first, then plan
+                # the rest of this netns again so those come back in this same apply (a link
+                # created from nothing had nothing to lose: no second plan then)
+                done += self._apply_links(want, ns_plan)
+                ns_plan = self.plan_one(want)
+            done += self._write_netns(want, ns_plan)
+        return done
+
+    @staticmethod
+    def _capture_off(want: NetnsState, p: NetnsPlan) -> bool:
+        """None of our ip rules is in the node netns now (the plan adds every one of them)."""
+        adds = sum(1 for c in p.of("ip_rule") if c.action == "add")
+        return bool(want.ip_rules) and adds == len(want.ip_rules)
 
     def _apply_links(self, want: NetnsState, p: NetnsPlan) -> list[Change]:
         host = self.hosts[want.role]
@@ -269,43 +357,62 @@ class Engine:
         log.info("links role=%s changes=%s", want.role, changes)
         return [c for c in p.of("link") if c.action != "delete"]
 
-    def _apply_netns(self, want: NetnsState, p: NetnsPlan) -> list[Change]:
-        routes = p.of("route")
-        add = [c.obj for c in routes if c.action in ("add", "replace")]
-        drifted = [c.old for c in routes if c.action == "replace"]   # same destination: out first
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="route-batch") as pool:
-            # the ip -batch text (every route validated) is pure work: made on the side while the
-            # writes before the routes wait for their processes, used at the same point as before
-            batch = pool.submit(route_batch_text, add=add, delete=drifted) if add else None
-            return self._write_netns(want, p, add, drifted, batch)
+    def _write_netns(self, want: NetnsState, p: NetnsPlan) -> list[Change]:
+        return self._write_inert(want, p) + self._write_steering(want, p)
 
-    def _write_netns(self, want: NetnsState, p: NetnsPlan, add: list[Route], drifted: list[Route],
-                     batch: "Optional[concurrent.futures.Future[str]]") -> list[Change]:
+    # kept for callers that apply one netns plan (cleanup, tests)
+    _apply_netns = _write_netns
+
+    def _write_inert(self, want: NetnsState, p: NetnsPlan) -> list[Change]:
+        """What steers no packet by itself: links, sysctls (they only loosen checks), the ipset
+        (matched only by our iptables rules), routes in our tables (reached only through our
+        ip rules). Then :meth:`_write_steering`.
+
+        Routes come after an anchor that says the netns is ours (links, the ipset): a crash
+        right after them must not leave routes in tables 100-102 that the next apply would
+        take for someone else's. With the nft backend the anchor is our nft table, which
+        captures: its routes wait for it in :meth:`_write_steering`."""
         host = self.hosts[want.role]
         done: list[Change] = []
         if any(c.action != "delete" for c in p.of("link")):
             done += self._apply_links(want, p)
-        sysctl_changes = p.of("sysctl")
         if p.restore:
-            self._record_tables(host)
+            self._record_tables(host, want.role)
+        sysctl_changes = p.of("sysctl")
         if sysctl_changes:
             self._record_sysctls(host, [c.obj.key for c in sysctl_changes])
             host.sysctl_set({c.obj.key: c.obj.value for c in sysctl_changes})
             done += sysctl_changes
         if p.ipset_script:
-            host.run(["ipset", "-exist", "restore"], input=p.ipset_script)
+            host.ipset_apply_script(p.ipset_script)
             done += [c for c in p.of("ipset") if c.action != "destroy"]
+        if self.variant != "native":
+            done += self._write_routes(host, p)
+        return done
+
+    @staticmethod
+    def _write_routes(host: Host, p: NetnsPlan) -> list[Change]:
+        routes = p.of("route")
+        add = [c.obj for c in routes if c.action in ("add", "replace")]
+        drifted = [c.old for c in routes if c.action == "replace"]   # same destination: out first
+        if add:
+            host.routes_batch(delete=drifted, add=add)
+        return [c for c in routes if c.action != "delete"]
+
+    def _write_steering(self, want: NetnsState, p: NetnsPlan) -> list[Change]:
+        """iptables (one atomic restore per table), our nft table, ip rules; then deletions in
+        reverse dependency order."""
+        host = self.hosts[want.role]
+        done: list[Change] = []
         for table, text in p.restore:
             # one atomic iptables-restore per table (kernel-notes §5: atomicity is per table)
             host.iptables_restore(text, self.variant, noflush=True)
         done += p.of("iptables")
         if p.of("nft"):
-            nftapply.execute(host, p.of("nft"))      # one transaction, before routes steer traffic
+            nftapply.execute(host, p.of("nft"))      # one transaction, before ip rules steer
             done += p.of("nft")
-        routes = p.of("route")
-        stale = [c.old for c in routes if c.action == "delete"]
-        if batch is not None:
-            host.routes_batch(delete=drifted, add=add, text=batch.result())
+        if self.variant == "native":
+            done += self._write_routes(host, p)
         for c in p.of("ip_rule"):
             if c.action == "add":
                 host.rule_add(c.obj)
@@ -313,9 +420,11 @@ class Engine:
         for c in p.of("ip_rule"):
             if c.action == "delete":
                 host.rule_del(c.old)
+        done += p.of("ip_rule")
+        stale = [c for c in p.of("route") if c.action == "delete"]
         if stale:
-            host.routes_batch(delete=stale)
-        done += routes + p.of("ip_rule")
+            host.routes_batch(delete=[c.old for c in stale])
+            done += stale
         for c in p.of("ipset"):
             if c.action == "destroy":
                 host.run(["ipset", "destroy", c.old.name])
@@ -384,13 +493,15 @@ class Engine:
             saved.update({k: v for k, v in host.sysctl_get(new).items() if v is not None})
             self._save_state(host, state)
 
-    def _record_tables(self, host: Host) -> None:
+    def _record_tables(self, host: Host, role: str) -> None:
         """Remember which iptables tables existed before we first wrote one, so cleanup can drop
         the (then empty) tables that only exist because of us."""
         state = self._load_state(host)
         key = f"iptables_tables_{self.variant}"
         if key not in state:
-            state[key] = sorted(_tables_in_save(host.iptables_save(self.variant)))
+            # the read this apply planned from saw them (nothing writes in between: we hold the lock)
+            seen = self._tables_seen.get(role)
+            state[key] = sorted(seen if seen is not None else _tables_in_save(host.iptables_save(self.variant)))
             self._save_state(host, state)
 
     def saved_sysctls(self, role: str) -> dict[str, str]:
@@ -549,10 +660,15 @@ def derive_host_ip(links, pod_cidr: str, internal_ip: str) -> tuple[str, str]:
 
 
 def route_source(host: Host, dst: str) -> Optional[str]:
-    """The source address the kernel picks to reach ``dst`` (the original's UDP-connect trick)."""
-    try:
-        out = host.run(["ip", "-j", "route", "get", dst], check=True).stdout
-        data = json.loads(out or "[]")
-        return data[0].get("prefsrc") if data else None
-    except (HostError, ValueError, IndexError):
-        return None
+    """The source address the kernel picks to reach ``dst``: the original's UDP-connect trick
+    (a connected UDP socket sends nothing; the kernel just routes it), in the netns. None when
+    there is no route."""
+    def pick() -> Optional[str]:
+        family = socket.AF_INET6 if ":" in dst else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            try:
+                s.connect((dst, 9))
+            except OSError:
+                return None
+            return s.getsockname()[0]
+    return host.in_netns(pick)

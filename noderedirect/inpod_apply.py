@@ -3,8 +3,8 @@
 The same machinery as the legacy :class:`~noderedirect.apply.Engine` (it is a subclass): the
 planner (:func:`noderedirect.plan.plan_netns` with ``ownership(role, "inpod")``: chains
 ``ISTIO_*``, rule priority 32764 and table 100 inside pod netns), the same host calls and the
-same per-netns apply (``Engine._apply_netns``: ipset restore, one ``iptables-restore
---noflush`` per table, routes, ip rules, then deletions). What differs:
+same per-netns apply (``Engine._write_netns``: the ipset script, routes, one
+``iptables-restore --noflush`` per table, ip rules, then deletions). What differs:
 
 - **the netns**: the node's (the probe ipset and the ``ISTIO_POSTRT`` SNAT rule) and one per
   ambient pod (roles ``pod:<namespace>/<name>``), given as ``{pod uid: NetnsRef}``; no ztunnel
@@ -93,6 +93,8 @@ def pod_role(pod: Pod) -> str:
 
 class InpodEngine(Engine):
     """One node in in-pod mode: its netns and the netns of each ambient pod on it."""
+
+    _reads_early = False     # the pod netns come and go: each is read when it is planned
 
     def __init__(self, values: Values, node_ns: NetnsRef, pods: Mapping[str, NetnsRef], *,
                  backend: str = "iptables", rules: Optional[Path] = None):

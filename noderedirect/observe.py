@@ -8,6 +8,7 @@ ipsets, whose names alone say whose they are, and on the iptables tables the des
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ class Observed:
     links: tuple[LinkInfo, ...] = ()
     sysctls: tuple[Sysctl, ...] = ()        # the keys asked for; value None = no such file
     variant: str = "nft"
+    # the iptables tables iptables-save showed (``*mangle`` …), family 4, chains or not
+    iptables_tables: frozenset[str] = frozenset()
     tables: tuple[int, ...] = ()
     families: tuple[int, ...] = (4,)
 
@@ -63,32 +66,44 @@ def observe(host: Host, role: str, *, variant: str = "nft", tables: Iterable[int
     families = tuple(families)
     tables = tuple(int(t) for t in tables)
 
-    sets, entries = _ipsets(host)
+    # iptables-save runs while the netlink reads below go on (no -t: a named legacy table
+    # would be created just by saving it)
+    saving = {fam: host.iptables_save_start(variant, family=fam) for fam in families}
+    try:
+        sets, entries = _ipsets(host)
+        ip_rules = tuple(r for fam in families for r in host.ip_rules(fam))
+        found: list[ObservedRoute] = [o for fam in families for t in tables
+                                      for o in host.routes_detailed(t, fam)]
+        links = tuple(host.links())
+        keys = tuple(sysctl_keys)
+        values = host.sysctl_get(keys) if keys else {}
+    except BaseException:
+        for started in saving.values():          # no process left behind unwaited
+            with contextlib.suppress(Exception):
+                started.result(check=False)
+        raise
     rules: list[IptRule] = []
     chains: dict[tuple[str, str], SavedChain] = {}
     chains6: dict[tuple[str, str], SavedChain] = {}
+    present: frozenset[str] = frozenset()
     for fam in families:
-        # no -t: a named legacy table would be created just by saving it
-        text = host.iptables_save(variant, family=fam)
+        text = saving[fam].result().stdout
+        if fam == 4:
+            present = frozenset(line[1:].strip() for line in text.splitlines() if line.startswith("*"))
         rules += [r for r in parse_iptables_save(text, fam) if r.table in IPTABLES_TABLES]
         target = chains if fam == 4 else chains6
         for c in parse_iptables_chains(text, fam):
             if c.table in IPTABLES_TABLES:
                 target[(c.table, c.chain)] = c
 
-    ip_rules = tuple(r for fam in families for r in host.ip_rules(fam))
-    found: list[ObservedRoute] = [o for fam in families for t in tables
-                                  for o in host.routes_detailed(t, fam)]
-    keys = tuple(sysctl_keys)
-    values = host.sysctl_get(keys) if keys else {}
     obs = Observed(
         role=role, ipsets=sets, ipset_entries=entries, iptables=tuple(rules),
         chains=chains, chains6=chains6, ip_rules=ip_rules,
         routes=tuple(o.route for o in found),
         kernel_routes=tuple(o.route for o in found if o.kernel),
-        links=tuple(host.links()),
+        links=links,
         sysctls=tuple(Sysctl(key=k, value=values[k]) for k in keys),
-        variant=variant, tables=tables, families=families)
+        variant=variant, iptables_tables=present, tables=tables, families=families)
     log.debug("observed netns=%s role=%s rules=%d ip_rules=%d routes=%d entries=%d",
               host.ns.spec, role, len(rules), len(ip_rules), len(found), len(entries))
     return obs

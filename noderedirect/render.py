@@ -26,19 +26,22 @@ from typing import Any, Callable, Iterable, Optional
 from . import names
 from .model import (IpRule, IpsetEntry, IpsetSet, IptRule, Link, NetnsState, Rendered, Route,
                     Sysctl)
-from .template import Line, TemplateError, expand
+from .template import Line, TemplateError, expand_texts
 
 
 class RenderError(Exception):
     """A template produced a line that is not a valid object of its kind."""
 
 
+_SOURCE_RULES = Path(__file__).resolve().parent.parent / "rules"
+_INSTALLED_RULES = Path(sys.prefix) / "share" / "noderedirect" / "rules"
+
+
 def rules_dir() -> Path:
     """Where the rule files are: $NODEREDIRECT_RULES, the source tree, or the installed share/."""
     env = os.environ.get("NODEREDIRECT_RULES")
     candidates = [Path(env)] if env else []
-    candidates += [Path(__file__).resolve().parent.parent / "rules",
-                   Path(sys.prefix) / "share" / "noderedirect" / "rules"]
+    candidates += [_SOURCE_RULES, _INSTALLED_RULES]
     for c in candidates:
         if (c / "legacy" / "node").is_dir():
             return c
@@ -76,15 +79,32 @@ def parse_iptables(line: Line, family: int) -> IptRule:
     return IptRule(table=table, chain=chain, args=" ".join(rest), op=op, family=family)
 
 
-# `add SET IP [comment "TEXT"]`, the per-pod line: parsed without shlex (it dominates at scale)
-_ADD = re.compile(r'add (\S+) (\S+)(?: comment "([^"\\]*)")?')
+# canonical dotted-quad IPv4 (no leading zeros, each part 0-255): exactly the IPv4 text that
+# ipaddress accepts, matched without building an address (one per pod per line at scale)
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_CANONICAL_V4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}", re.ASCII)
+
+
+# `add SET IP [comment "TEXT"]` with a canonical IPv4 address, the per-pod line, parsed without
+# shlex (it dominates at scale). The set name holds no whitespace, quote or backslash and the
+# comment no `"` or backslash, so shlex would read exactly these tokens; anything else (an IPv6
+# member …) takes the general path.
+_ADD = re.compile(r"""add ([^\s"'\\]+) (""" + _CANONICAL_V4.pattern + r""")(?: comment "([^"\\]*)")?""")
+
+
+def quick_ipset(text: str) -> Optional[IpsetEntry]:
+    """The plain ``add`` line as an entry, or None: not that shape, or not valid (parse_ipset
+    then decides, and names the error)."""
+    m = _ADD.fullmatch(text)
+    if m is None:
+        return None
+    return IpsetEntry(*m.groups())     # (set, ip, comment): the field order
 
 
 def parse_ipset(line: Line, family: int) -> IpsetSet | IpsetEntry:
-    m = _ADD.fullmatch(line.text)
-    if m:
-        _addr(line, m.group(2))
-        return IpsetEntry(set=m.group(1), ip=m.group(2), comment=m.group(3))
+    entry = quick_ipset(line.text)
+    if entry is not None:
+        return entry
     try:
         toks = shlex.split(line.text)
     except ValueError as e:
@@ -113,8 +133,12 @@ def parse_ipset(line: Line, family: int) -> IpsetSet | IpsetEntry:
     raise _fail(line, "expected 'create NAME TYPE …' or 'add NAME IP [comment \"X\"]'")
 
 
-@functools.lru_cache(maxsize=4096)
 def _is_addr(tok: str) -> bool:
+    return _CANONICAL_V4.fullmatch(tok) is not None or _parses_as_addr(tok)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parses_as_addr(tok: str) -> bool:
     try:
         ipaddress.ip_address(tok)
         return True
@@ -160,21 +184,80 @@ def parse_ip_rule(line: Line, family: int) -> IpRule:
     return IpRule(**kw)
 
 
-# `IP via IP dev NAME src IP table N`, the per-pod route: matched without the general walk (it
-# dominates at scale); every part is still checked, anything else takes the general path
-_POD_ROUTE = re.compile(r"(\d{1,3}(?:\.\d{1,3}){3}) via (\S+) dev (\S+) src (\S+) table (0|[1-9]\d*)")
+def _route_keywords(toks: list[str]) -> dict[str, Any] | str:
+    """The keywords after a route's destination: their values, or what is wrong with them."""
+    kw: dict[str, Any] = {}
+    i = 0
+    while i < len(toks):
+        key = toks[i]
+        if key == "onlink":
+            kw["onlink"] = True
+            i += 1
+            continue
+        if i + 1 >= len(toks):
+            return f"{key!r} needs a value"
+        val = toks[i + 1]
+        if key in ("via", "src"):
+            if not _is_addr(val):
+                return f"{val!r} is not an address"
+            kw[key] = val
+        elif key == "dev":
+            kw["dev"] = val
+        elif key == "scope":
+            if val not in ("link", "host", "global"):
+                return f"scope {val!r}"
+            kw["scope"] = None if val == "global" else val
+        elif key == "table":
+            try:
+                kw["table"] = int(val, 0)
+            except ValueError:
+                return "table is not a number"
+        else:
+            return f"unknown route keyword {key!r}"
+        i += 2
+    if "table" not in kw:
+        return "every route needs 'table N'"
+    return kw
+
+
+@functools.lru_cache(maxsize=256)
+def _route_tail(rest: str) -> Optional[dict[str, Any]]:
+    """A route line's keywords after an IPv4 destination, parsed once per distinct text (the
+    per-pod routes of a node differ only in their destination): the fields of such a route,
+    destination aside, or None when they do not parse. Shared between calls: never modified."""
+    kw = _route_keywords(rest.split())
+    if isinstance(kw, str):
+        return None
+    return dict(vars(Route(dst="0.0.0.0/32", family=4, **kw)))
+
+
+# A frozen dataclass's __init__ sets each field through object.__setattr__, which at one route
+# per pod was most of a route's parse. While Route keeps its fields in the instance dict and runs
+# nothing after __init__, filling that dict from _route_tail's fields builds the same value.
+_PLAIN_ROUTE = not hasattr(Route, "__slots__") and not hasattr(Route, "__post_init__")
+
+
+def quick_route(text: str) -> Optional[Route]:
+    """``IP KEYWORDS…`` with a canonical IPv4 destination (the per-pod /32 route, which dominates
+    at scale) as a route, or None: not that shape, or not valid (parse_route then decides, and
+    names the error). The same keyword rules as parse_route: _route_keywords."""
+    dst, sep, rest = text.partition(" ")
+    if not sep or _CANONICAL_V4.fullmatch(dst) is None:
+        return None
+    fields = _route_tail(rest)
+    if fields is None:
+        return None
+    if not _PLAIN_ROUTE:
+        return Route(**{**fields, "dst": dst + "/32"})
+    route = object.__new__(Route)
+    route.__dict__.update(fields, dst=dst + "/32")
+    return route
 
 
 def parse_route(line: Line, family: int) -> Route:
-    m = _POD_ROUTE.fullmatch(line.text)
-    if m and _is_addr(m.group(2)) and _is_addr(m.group(4)):
-        try:
-            dst = ipaddress.IPv4Address(m.group(1))
-        except ValueError:
-            dst = None      # the general path names the error
-        if dst is not None:
-            return Route(table=int(m.group(5)), dst=f"{dst}/32", via=m.group(2), dev=m.group(3),
-                         src=m.group(4), family=4)
+    quick = quick_route(line.text)
+    if quick is not None:
+        return quick
     toks = line.text.split()
     kw: dict[str, Any] = {}
     if toks and toks[0] in ("local", "unicast", "blackhole"):
@@ -187,32 +270,10 @@ def parse_route(line: Line, family: int) -> Route:
     except ValueError:
         raise _fail(line, f"{dst!r} is not a destination prefix") from None
     kw["dst"], kw["family"] = str(net), net.version
-    i = 0
-    while i < len(toks):
-        key = toks[i]
-        if key == "onlink":
-            kw["onlink"] = True
-            i += 1
-            continue
-        if i + 1 >= len(toks):
-            raise _fail(line, f"{key!r} needs a value")
-        val = toks[i + 1]
-        if key in ("via", "src"):
-            _addr(line, val)
-            kw[key] = val
-        elif key == "dev":
-            kw["dev"] = val
-        elif key == "scope":
-            if val not in ("link", "host", "global"):
-                raise _fail(line, f"scope {val!r}")
-            kw["scope"] = None if val == "global" else val
-        elif key == "table":
-            kw["table"] = _int(line, val, "table")
-        else:
-            raise _fail(line, f"unknown route keyword {key!r}")
-        i += 2
-    if "table" not in kw:
-        raise _fail(line, "every route needs 'table N'")
+    rest = _route_keywords(toks)
+    if isinstance(rest, str):
+        raise _fail(line, rest)
+    kw.update(rest)
     return Route(**kw)
 
 
@@ -271,6 +332,11 @@ PARSERS: dict[str, tuple[str, Callable[[Line, int], Any]]] = {
     "links.rules": ("links", parse_link),
     "sysctls.rules": ("sysctls", parse_sysctl),
 }
+# the per-pod lines' checked quick parses (text -> object, or None: the parser above decides)
+QUICK_PARSERS: dict[str, Callable[[str], Any]] = {
+    "ipset.rules": quick_ipset,
+    "routes.rules": quick_route,
+}
 
 
 def render_family(family_dir: str, ctx: dict[str, Any], role: str,
@@ -292,6 +358,7 @@ def render_family(family_dir: str, ctx: dict[str, Any], role: str,
         if fname not in PARSERS:
             raise RenderError(f"{folder / fname}: unknown rule file (expected one of {', '.join(PARSERS)})")
         kind, parser = PARSERS[fname]
+        quick = QUICK_PARSERS.get(fname)
         text = (folder / fname).read_text(encoding="utf-8")
         rel = f"rules/{family_dir}/{fname}"
         fams = tuple(families) if kind == "iptables" else (4,)
@@ -300,15 +367,18 @@ def render_family(family_dir: str, ctx: dict[str, Any], role: str,
             fctx.update(ctx.get("per_family", {}).get(fam, {}))
             fctx["family"] = fam
             try:
-                lines = expand(text, rel, fctx)
+                lines = expand_texts(text, rel, fctx)
             except TemplateError as e:
                 raise RenderError(str(e)) from None
-            for line in lines:
-                obj = parser(line, fam)
-                if isinstance(obj, IpsetEntry):
-                    found["ipset_entries"].append(obj)
+            objs, entries = found[kind], found["ipset_entries"]
+            for lineno, line_text in lines:
+                obj = quick(line_text) if quick else None
+                if obj is None:
+                    obj = parser(Line(rel, lineno, line_text), fam)
+                if type(obj) is IpsetEntry:
+                    entries.append(obj)
                 else:
-                    found[kind].append(obj)
+                    objs.append(obj)
     return NetnsState(role=role, **{k: tuple(v) for k, v in found.items()})
 
 

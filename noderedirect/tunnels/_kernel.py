@@ -14,7 +14,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from .. import model
-from ..host import Host, LinkInfo, MissingFeature
+from ..host import Host, LinkInfo, MissingFeature, borrowed
 from . import TunnelDriver, _links
 
 log = logging.getLogger(__name__)
@@ -64,13 +64,13 @@ class KernelTunnelDriver(TunnelDriver):
 
     def check(self, node_netns_path: str, zt_netns_path: Optional[str] = None) -> None:
         for path in filter(None, (node_netns_path, zt_netns_path)):
-            with Host(path) as host:
+            with borrowed(path) as host:
                 why = probe_kind(host, self.feature, self.probe_attrs)
             if why:
                 raise MissingFeature(self.feature, path, why)
 
     def observe(self, netns_path: str, names_: Iterable[str]) -> list[model.Link]:
-        with Host(netns_path) as host:
+        with borrowed(netns_path) as host:
             have = _links.read(host, names_)
             taps = _links.tap_indexes(host) if have else set()
         return [_links.to_model(have[n], have[n].index in taps) for n in sorted(have)]
@@ -78,7 +78,7 @@ class KernelTunnelDriver(TunnelDriver):
     def ensure(self, netns_path: str, links: Sequence[model.Link]) -> list[str]:
         wants = [self.desired(link) for link in links]
         changes: list[str] = []
-        with Host(netns_path) as host:
+        with borrowed(netns_path) as host:
             have = _links.read(host, [w.name for w in wants])
             taps: set[int] = set()
             if any(i.kind == "tun" for i in have.values()):
@@ -104,7 +104,7 @@ class KernelTunnelDriver(TunnelDriver):
 
     def remove(self, netns_path: str, names_: Iterable[str]) -> list[str]:
         changes: list[str] = []
-        with Host(netns_path) as host:
+        with borrowed(netns_path) as host:
             have = _links.read(host, names_)
             if any(i.kind == "tun" for i in have.values()):
                 from .usergeneve import stop_bridge

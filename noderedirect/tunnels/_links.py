@@ -12,7 +12,6 @@ import logging
 from typing import Iterable, Optional
 
 from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from .. import model
 from ..host import Host, LinkInfo
@@ -93,23 +92,15 @@ def underlay_mtu(host: Host, remote: str) -> Optional[int]:
     """The MTU for a tunnel to ``remote``: the MTU of the device the route to ``remote`` leaves
     by, minus the tunnel overhead (what the kernel GENEVE device does at creation; VXLAN keeps
     1500 without an underlay device). None if no route is known yet."""
-    def lookup(ipr: IPRoute) -> Optional[int]:
-        try:
-            routes = ipr.route("get", dst=remote)
-        except NetlinkError:   # no route (ENETUNREACH …): leave the kernel's default
-            return None
-        for r in routes:
-            oif = r.get_attr("RTA_OIF")
-            dev = ipr.get_links(oif) if oif else []
-            if dev and dev[0].get_attr("IFLA_MTU"):
-                return dev[0].get_attr("IFLA_MTU") - TUNNEL_OVERHEAD
+    found = host.route_get(remote)
+    if found is None or found[0] is None:
         return None
-    return host.netlink(lookup, f"route get {remote}")
+    dev = next((l for l in host.links() if l.index == found[0]), None)
+    return dev.mtu - TUNNEL_OVERHEAD if dev is not None and dev.mtu else None
 
 
 def set_mtu(host: Host, info: LinkInfo, mtu: Optional[int]) -> list[str]:
     if not mtu or mtu == info.mtu:
         return []
-    host.netlink(lambda ipr: ipr.link("set", index=info.index, mtu=mtu),
-                 f"set mtu {mtu} on {info.name}")
+    host.link_set_mtu(info.name, mtu)
     return [f"{info.name}: mtu {mtu}"]

@@ -8,13 +8,13 @@ kernel means the device type is not built in: it becomes MissingFeature, never a
 from __future__ import annotations
 
 from .. import model
-from ..host import Host
+from ..host import borrowed
 from ._kernel import PROBE_VNI, KernelTunnelDriver, probe_kind
 
 
 def kernel_has_geneve(netns_path: str) -> bool:
     """Probe with a VNI the kernel must refuse: nothing is created either way."""
-    with Host(netns_path) as host:
+    with borrowed(netns_path) as host:
         return probe_kind(host, "geneve", {"geneve_id": PROBE_VNI}) is None
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
 from .. import model
-from ..host import Host, HostError, LinkInfo, MissingFeature, NetnsRef
+from ..host import Host, HostError, LinkInfo, MissingFeature, NetnsRef, borrowed
 from . import TunnelDriver, _links
 from ._kernel import log_changes
 from .usergeneve_main import (PROGRAM, TUN_DEVICE, LinkSpec, StatePaths, config_hash,
@@ -222,7 +222,7 @@ class UserGeneveDriver(TunnelDriver):
         return _links.to_model(info, is_tap)
 
     def observe(self, netns_path: str, names_: Iterable[str]) -> list[model.Link]:
-        with Host(netns_path) as host:
+        with borrowed(netns_path) as host:
             have = _links.read(host, names_)
             taps = _links.tap_indexes(host) if have else set()
         bridged = self._bridged(paths_for(netns_path)) if taps else {}
@@ -238,7 +238,7 @@ class UserGeneveDriver(TunnelDriver):
         ref = NetnsRef.resolve(netns_path)
         paths = StatePaths(state_dir(), ref.identity[1])
         changes: list[str] = []
-        with locked(paths), Host(ref) as host:
+        with locked(paths), borrowed(ref) as host:
             bridged = self._bridged(paths)
             changes += self._ensure_taps(host, wants)
             have = _links.read(host, [w.name for w in wants])
@@ -278,7 +278,7 @@ class UserGeneveDriver(TunnelDriver):
 
     def remove(self, netns_path: str, names_: Iterable[str]) -> list[str]:
         paths = paths_for(netns_path)
-        with locked(paths), Host(netns_path) as host:
+        with locked(paths), borrowed(netns_path) as host:
             changes = _stop(paths)
             have = _links.read(host, names_)
             for name in sorted(have):

@@ -412,3 +412,48 @@ def test_missing_netns_and_geneve_fail_in_one_line_before_changes(pair):
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "usergeneve" in r.stderr
     assert (save(node), sh("ip", "link", "show", ns=node)) == before
+
+
+def _record_writes(monkeypatch) -> list[tuple[str, str, str]]:
+    """(netns, what, thread name) of every write the engine makes, in the order they start."""
+    import threading
+
+    from noderedirect import host as host_mod
+
+    events: list[tuple[str, str, str]] = []
+    for name in ("link_add", "sysctl_set", "routes_batch", "run", "iptables_restore", "rule_add",
+                 "rule_del"):
+        real = getattr(host_mod.Host, name)
+
+        def recorded(self, *a, _real=real, _name=name, **kw):
+            events.append((self.ns.spec, _name, threading.current_thread().name))
+            return _real(self, *a, **kw)
+        monkeypatch.setattr(host_mod.Host, name, recorded)
+    return events
+
+
+def test_capture_starts_only_after_the_ztunnel_netns_is_ready(pair, monkeypatch):
+    """First apply: the node's inert part goes side by side with the ztunnel netns (another
+    thread), but no node iptables rule or ip rule before the last ztunnel write. Later applies
+    with capture on: every node write after every ztunnel write."""
+    node, zt = pair
+    events = _record_writes(monkeypatch)
+    with engine(pair) as eng:
+        eng.apply()
+        zt_last = max(i for i, (ns, _, _) in enumerate(events) if ns == zt)
+        steering = [i for i, (ns, what, _) in enumerate(events)
+                    if ns == node and what in ("iptables_restore", "rule_add")]
+        assert steering and min(steering) > zt_last, events
+        inert_threads = {t for ns, what, t in events if ns == node and what in ("link_add", "routes_batch")}
+        assert inert_threads and all(t.startswith("write") for t in inert_threads), events
+        assert eng.plan().empty
+
+        # capture on: a drifted node route and a drifted ztunnel route are rewritten in order
+        sh("ip", "route", "del", "10.244.1.5", "table", "100", ns=node)
+        sh("ip", "route", "flush", "table", "101", ns=zt)
+        events.clear()
+        eng.apply()
+        assert [ns for ns, _, _ in events] == sorted((ns for ns, _, _ in events), key=lambda n: n != zt)
+        assert {ns for ns, _, _ in events} == {node, zt}
+        assert all(not t.startswith("write") for _, _, t in events), events
+        assert eng.plan().empty

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import os
 import signal
 import subprocess
@@ -10,6 +12,7 @@ import time
 import pytest
 
 from noderedirect.host import (CommandError, Host, HostError, InvalidValue, LinkInfo, NetnsNotFound,
+                               RoutesRefused,
                                NetnsRef, NftError, RestoreError)
 from noderedirect.model import IpRule, IpsetEntry, IpsetSet, Route
 
@@ -276,22 +279,61 @@ def test_route_add_replace_del_write_what_ip_route_shows(host, netns):
     assert host.routes(102) == [onlink]
 
 
-def test_routes_batch_error_names_the_line(host, netns):
+def test_routes_batch_names_every_refused_route_and_applies_the_rest(host, netns):
     _node_links(netns)
     a = Route(table=100, dst="10.244.1.5/32", via="192.168.126.2", dev="istioin", src="10.244.1.1")
     b = Route(table=100, dst="10.244.1.6/32", via="192.168.126.2", dev="istioin", src="10.244.1.1")
+    c = Route(table=100, dst="10.244.1.7/32", via="192.168.126.2", dev="istioin", src="10.244.1.1")
+    gone = Route(table=100, dst="10.244.1.8/32", via="192.168.126.2", dev="no-such-dev")
     host.routes_batch(add=[a])
-    with pytest.raises(RestoreError) as ei:
-        host.routes_batch(add=[b, a])
+    with pytest.raises(RoutesRefused) as ei:
+        host.routes_batch(add=[b, a, gone, c])
     e = ei.value
-    assert e.lineno == 2 and e.table is None
-    assert e.context == [" 1: route add unicast 10.244.1.6/32 via 192.168.126.2 dev istioin src 10.244.1.1 scope global table 100",
-                         ">2: route add unicast 10.244.1.5/32 via 192.168.126.2 dev istioin src 10.244.1.1 scope global table 100"]
-    assert "exited 1: RTNETLINK answers: File exists" in str(e)
-    assert "failed at line 2 of the input" in str(e)
-    # not atomic: the line before the failure stayed
-    assert sorted(host.routes(100)) == sorted([a, b])
-    host.routes_batch(delete=[a, b])
+    assert e.total == 4
+    assert [(op, r, code) for op, r, code, _ in e.refused] == [("add", a, errno.EEXIST),
+                                                                ("add", gone, errno.ENODEV)]
+    text = str(e)
+    assert f"netns {netns.spec}: the kernel refused 2 of 4 route changes" in text
+    assert "add '10.244.1.5 via 192.168.126.2 dev istioin src 10.244.1.1 table 100': File exists" in text
+    # not atomic: the routes around the refused ones were applied
+    assert sorted(host.routes(100)) == sorted([a, b, c])
+    with pytest.raises(RoutesRefused) as ei:
+        host.routes_batch(delete=[a, gone])
+    assert [r for _, r, _, _ in ei.value.refused] == [gone]
+    host.routes_batch(delete=[b, c])
+    assert host.routes(100) == []
+
+
+def test_routes_batch_delete_is_exact(host, netns):
+    """A delete names every field the route has: one with another next hop, scope, source or
+    table stays. (A field the request leaves out is a wildcard for the kernel, as with
+    ``ip route del``; the routes deleted are always observed ones, every field given.)"""
+    _node_links(netns)
+    a = Route(table=100, dst="10.244.1.5/32", via="192.168.126.2", dev="istioin", src="10.244.1.1")
+    host.routes_batch(add=[a])
+    for other in (dataclasses.replace(a, src="10.244.1.9"), dataclasses.replace(a, via="192.168.126.3"),
+                  dataclasses.replace(a, scope="link"), dataclasses.replace(a, table=101)):
+        with pytest.raises(RoutesRefused):
+            host.routes_batch(delete=[other])
+    assert host.routes(100) == [a]
+    # the protocol is not part of a delete (ip route del leaves it open too)
+    subprocess.run(["ip", "-n", netns.spec, "route", "replace", "10.244.1.5", "via", "192.168.126.2",
+                    "dev", "istioin", "src", "10.244.1.1", "table", "100", "proto", "static"], check=True)
+    host.routes_batch(delete=[a])
+    assert host.routes(100) == []
+
+
+def test_routes_batch_many_in_several_datagrams(host, netns):
+    _node_links(netns)
+    routes = [Route(table=100, dst=f"10.245.{i // 250}.{i % 250 + 1}/32", via="192.168.126.2",
+                    dev="istioin", src="10.244.1.1") for i in range(700)]
+    host.routes_batch(add=routes)
+    assert sorted(host.routes(100)) == sorted(routes)
+    # every request of the last datagrams refused (they exist): all named, none lost
+    with pytest.raises(RoutesRefused) as ei:
+        host.routes_batch(add=routes[300:])
+    assert [r for _, r, _, _ in ei.value.refused] == routes[300:]
+    host.routes_batch(delete=routes)
     assert host.routes(100) == []
 
 

@@ -131,3 +131,82 @@ def test_commands_run_inside_the_netns(host, wired):
     with pytest.raises(CommandError) as missing:
         host.run(["no-such-command-here"])
     assert missing.value.returncode == 127 and "No such file" in missing.value.stderr
+
+
+def _link_details(ns, dev: str) -> dict:
+    """`ip -d -j link show` of one device without what differs between two equal devices."""
+    [d] = json.loads(ip(ns, "-d", "-j", "link", "show", "dev", dev))
+    for k in ("ifindex", "address", "broadcast", "operstate", "linkinfo_slave", "link_index"):
+        d.pop(k, None)
+    return d
+
+
+def _v4_addrs(ns, dev: str) -> list[dict]:
+    return json.loads(ip(ns, "-4", "-j", "addr", "show", "dev", dev))[0]["addr_info"] \
+        if json.loads(ip(ns, "-4", "-j", "addr", "show", "dev", dev)) else []
+
+
+def test_tunnel_links_and_addresses_as_ip_makes_them(host, netns_factory):
+    """A VXLAN device, its MTU, address and up state made on bare netlink are the kernel state
+    `ip` makes from the same words (compared field by field with `ip -d -j`)."""
+    theirs = netns_factory()
+    for ns in (host.ns, theirs):
+        ip(ns, "link", "add", "veth-zt", "type", "veth", "peer", "name", "eth0")
+        ip(ns, "addr", "add", "10.244.1.1/32", "dev", "veth-zt")
+        ip(ns, "link", "set", "veth-zt", "up")
+        ip(ns, "route", "add", "10.244.1.2", "dev", "veth-zt", "scope", "link")
+    host.link_add("istioin", "vxlan", vxlan_id=1000, vxlan_group="10.244.1.2", vxlan_port=6081,
+                  vxlan_learning=0)
+    host.link_set_mtu("istioin", 1450)
+    host.addr_add("istioin", "192.168.126.1/30")
+    host.link_up("istioin")
+    ip(theirs, "link", "add", "istioin", "type", "vxlan", "id", "1000", "remote", "10.244.1.2",
+       "dstport", "6081", "nolearning")
+    ip(theirs, "link", "set", "istioin", "mtu", "1450")
+    ip(theirs, "addr", "add", "192.168.126.1/30", "brd", "+", "dev", "istioin")
+    ip(theirs, "link", "set", "istioin", "up")
+    assert _link_details(host.ns, "istioin") == _link_details(theirs, "istioin")
+    assert _v4_addrs(host.ns, "istioin") == _v4_addrs(theirs, "istioin")
+    assert [(a["local"], a["prefixlen"], a["broadcast"]) for a in _v4_addrs(host.ns, "istioin")] == \
+        [("192.168.126.1", 30, "192.168.126.3")]
+
+    # the route lookup behind the tunnel MTU: output device and source address
+    veth = next(l for l in host.links() if l.name == "veth-zt")
+    assert host.route_get("10.244.1.2") == (veth.index, "10.244.1.1")
+    assert host.route_get("203.0.113.9") is None          # no default route here
+
+    host.link_down("istioin")
+    assert "UP" not in json.loads(ip(host.ns, "-j", "link", "show", "dev", "istioin"))[0]["flags"]
+    host.addr_del("istioin", "192.168.126.1/30")
+    assert _v4_addrs(host.ns, "istioin") == []
+    with pytest.raises(NetlinkFailed) as ei:
+        host.link_add("istioin", "vxlan", vxlan_id=1000, vxlan_group="10.244.1.2", vxlan_port=6081)
+    assert ei.value.code == errno.EEXIST and "add vxlan link istioin" in str(ei.value)
+    with pytest.raises(NetlinkFailed) as ei:
+        host.addr_del("istioin", "192.168.126.1/30")
+    assert "delete address 192.168.126.1/30 from istioin" in str(ei.value)
+
+
+def test_ip_rules_on_bare_netlink_equal_the_ones_ip_makes(host, netns_factory):
+    """Rules added on bare netlink read back (`ip -d -j rule show`) as the same rules `ip rule
+    add` makes, table > 255 and a rule without a mark included; an identical one is refused."""
+    from noderedirect.model import IpRule
+
+    theirs = netns_factory()
+    rules = [IpRule(priority=100, action="goto", goto=32766, fwmark=0x200, fwmask=0x200),
+             IpRule(priority=101, action="lookup", table=101, fwmark=0x100, fwmask=0x100),
+             IpRule(priority=103, action="lookup", table=100),
+             IpRule(priority=20000, action="lookup", table=1000, fwmark=0x400, fwmask=0xfff)]
+    for r in rules:
+        host.rule_add(r)
+        prio, _, rest = r.show().partition(":")
+        ip(theirs, "rule", "add", "priority", prio, *rest.split())
+
+    def shown(ns) -> list[dict]:
+        return [{k: v for k, v in d.items() if k != "protocol"}
+                for d in json.loads(ip(ns, "-d", "-j", "rule", "show"))]
+    assert shown(host.ns) == shown(theirs)
+    assert [o.rule for o in host.ip_rules() if o.rule.priority in (100, 101, 103, 20000)] == rules
+    with pytest.raises(NetlinkFailed) as ei:
+        host.rule_add(rules[1])
+    assert ei.value.code == errno.EEXIST
