@@ -452,6 +452,18 @@ def link_create_request(name: str, kind: str, data: bytes) -> bytes:
             + nla(IFLA_LINKINFO | NLA_F_NESTED, info))
 
 
+def link_change_request(index: int, kind: str, data: bytes) -> bytes:
+    """RTM_NEWLINK payload changing the type-specific ``data`` of the existing link ``index``
+    (the driver's changelink: only what it allows to change, e.g. a tunnel's remote)."""
+    info = nla(IFLA_INFO_KIND, kind.encode()) + nla(IFLA_INFO_DATA | NLA_F_NESTED, data)
+    return _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, 0, 0) + nla(IFLA_LINKINFO | NLA_F_NESTED, info)
+
+
+def tunnel_remote_data(kind: str, remote: bytes) -> bytes:
+    """IFLA_INFO_DATA that sets only the remote of a VXLAN or GENEVE device."""
+    return nla(IFLA_VXLAN_GROUP if kind == "vxlan" else IFLA_GENEVE_REMOTE, remote)
+
+
 def vxlan_data(vni: int, remote: Optional[bytes], port: Optional[int], learning: Optional[int]) -> bytes:
     out = nla(IFLA_VXLAN_ID, _U32.pack(vni))
     if remote is not None:

@@ -1059,6 +1059,23 @@ class Host:
             raise InvalidValue(f"MTU {mtu!r} (68-65535)")
         self._link_set(name, f"set mtu {mtu} on {name}", mtu=mtu)
 
+    def link_set_remote(self, name: str, kind: str, remote: str) -> None:
+        """Point the VXLAN or GENEVE device ``name`` at another remote, in place: the device,
+        its addresses and every route through it stay (re-creating it would drop the routes).
+        A kernel that cannot change it gives :class:`NetlinkFailed` (EOPNOTSUPP …)."""
+        if kind not in ("vxlan", "geneve"):
+            raise InvalidValue(f"link kind {kind!r}: only vxlan and geneve remotes change in place")
+        check_ifname(name)
+        data = _netlink.tunnel_remote_data(kind, ipaddress.IPv4Address(check_ip(remote, 4)).packed)
+        what = f"set remote {remote} on {kind} link {name}"
+
+        def change() -> None:
+            self._raw_request("_rtnl", _netlink.NETLINK_ROUTE, _netlink.RTM_NEWLINK,
+                              _netlink.NLM_F_REQUEST | _netlink.NLM_F_ACK,
+                              _netlink.link_change_request(self._ifindex_here(name), kind, data), what)
+        self.in_netns(change)
+        log.info("link remote changed netns=%s name=%s remote=%s", self.ns.spec, name, remote)
+
     def link_del(self, name: str) -> None:
         idx = self.ifindex(name)
         self.netlink(lambda ipr: ipr.link("del", index=idx), f"delete link {name}")

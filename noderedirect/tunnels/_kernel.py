@@ -14,7 +14,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from .. import model
-from ..host import Host, LinkInfo, MissingFeature, borrowed
+from ..host import Host, LinkInfo, MissingFeature, NetlinkFailed, borrowed
 from . import TunnelDriver, _links
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,13 @@ def same_tunnel(info: LinkInfo, want: model.Link) -> bool:
     """Whether the device can stay: kind, VNI, remote and port are fixed at creation."""
     return (info.kind == want.kind and not info.external and info.vni == want.vni
             and info.remote == want.remote and info.dstport == want.dstport)
+
+
+def only_remote_differs(info: LinkInfo, want: model.Link) -> bool:
+    """The device is ours in every fixed respect but points at another remote."""
+    return (info.kind == want.kind and not info.external and info.vni == want.vni
+            and info.dstport == want.dstport and info.remote != want.remote
+            and want.remote not in (None, "", _links.NO_REMOTE))
 
 
 def log_changes(driver: str, netns_path: str, changes: list[str]) -> list[str]:
@@ -88,6 +95,11 @@ class KernelTunnelDriver(TunnelDriver):
                 taps = _links.tap_indexes(host)
             for want in wants:
                 info = have.get(want.name)
+                if info is not None and only_remote_differs(info, want):
+                    moved = self._move_remote(host, info, want)
+                    if moved:
+                        changes += moved
+                        info = _links.read(host, [want.name])[want.name]
                 if info is not None and not same_tunnel(info, want):
                     was = _links.to_model(info, info.index in taps).show()
                     changes.append(_links.delete(host, info, f"was {was}"))
@@ -101,6 +113,19 @@ class KernelTunnelDriver(TunnelDriver):
                 changes += _links.sync_address(host, info, want.address)
                 changes += _links.sync_up(host, info, want.up)
         return log_changes(self.name, netns_path, changes)
+
+    def _move_remote(self, host: Host, info: LinkInfo, want: model.Link) -> list[str]:
+        """Change the remote in place (a new ztunnel IP): the device and the routes through it
+        stay, so no packet meets a missing route. [] when the kernel refuses; the caller then
+        re-creates the device (the routes come back in the same apply)."""
+        try:
+            host.link_set_remote(want.name, want.kind, want.remote)
+        except NetlinkFailed as e:
+            log.warning("in-place remote change refused, re-creating instead: %s", e)
+            return []
+        changes = [f"{want.name}: remote {info.remote} -> {want.remote} (in place)"]
+        moved = _links.read(host, [want.name])[want.name]
+        return changes + _links.set_mtu(host, moved, _links.underlay_mtu(host, want.remote))
 
     def remove(self, netns_path: str, names_: Iterable[str]) -> list[str]:
         changes: list[str] = []

@@ -495,7 +495,7 @@ def real_node(netns_factory, tmp_path, monkeypatch):
 
 
 @pytest.mark.netns
-def test_real_kernel_ztunnel_replaced_never_drops_a_pod_entry(real_node, netns_factory, api, harness_factory):
+def test_real_kernel_ztunnel_replaced_never_drops_a_pod_entry_or_route(real_node, netns_factory, api, harness_factory):
     from noderedirect.reconcile import engine_factory
 
     node, zt = real_node
@@ -540,10 +540,11 @@ def test_real_kernel_ztunnel_replaced_never_drops_a_pod_entry(real_node, netns_f
     assert "20003:\tfrom all fwmark 0x4d3/0xfff lookup 100" in sh("ip", "rule", "show", ns=zt2.spec)
     assert "-A ztunnel-PREROUTING ! -i veth-zt2 " in sh("iptables-nft-save", "-t", "mangle", ns=node.spec)
     assert h.rec._engine.plan().empty
-    # what the kernel did to table 100 meanwhile is reported, not hidden (docs/controller.md)
+    # the tunnel devices moved to the new remote in place: the per-pod routes through them
+    # never went away (re-creating the devices used to drop them for ~75 ms)
     gap = [t for t, n in routes if n < 2]
-    print(f"ztunnel change: {len(samples)} samples, ipset always complete; table-100 pod routes "
-          f"missing in {len(gap)} samples over {(gap[-1] - gap[0]) * 1000 if gap else 0:.0f} ms")
+    assert len(routes) >= 5 and gap == [], f"table-100 pod routes missing in {len(gap)} of {len(routes)} samples"
+    print(f"ztunnel change: {len(samples)} samples, ipset and table-100 pod routes always complete")
 
 
 @pytest.mark.netns

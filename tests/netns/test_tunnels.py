@@ -327,6 +327,25 @@ def test_vxlan_recreates_a_link_whose_vni_or_port_changed(pair):
     assert link_names(pair.node) == ["lo", "veth-zt"]
 
 
+def test_vxlan_moves_to_a_new_remote_in_place_keeping_its_routes(pair):
+    """A new ztunnel IP: the device stays (same ifindex, address, up) and so does every route
+    through it; only the remote changes. The kernel refuses a port change in place, so a port
+    or VNI change still re-creates it (test above)."""
+    drv = VxlanDriver()
+    pair.ensure(drv)
+    ip(pair.node, "route", "add", "10.244.1.5", "via", "192.168.126.2", "dev", "istioin", "table", "100")
+    ip(pair.node, "route", "add", "10.244.9.0/24", "dev", "veth-zt", "scope", "link")
+    old_index = json.loads(ip(pair.node, "-j", "link", "show", "istioin"))[0]["ifindex"]
+    moved = [model.Link(l.name, l.kind, l.vni, "10.244.9.3", l.dstport, l.address) for l in NODE_LINKS]
+    changes = drv.ensure(pair.node.path, moved)
+    assert changes == ["istioin: remote 10.244.1.2 -> 10.244.9.3 (in place)",
+                       "istioout: remote 10.244.1.2 -> 10.244.9.3 (in place)"]
+    assert json.loads(ip(pair.node, "-j", "link", "show", "istioin"))[0]["ifindex"] == old_index
+    assert ip(pair.node, "route", "show", "table", "100") == "10.244.1.5 via 192.168.126.2 dev istioin \n"
+    assert drv.observe(pair.node.path, NODE_NAMES) == [drv.desired(l) for l in moved]
+    assert drv.ensure(pair.node.path, moved) == []
+
+
 # ---------------------------------------------------------------- user-space GENEVE
 
 
