@@ -576,51 +576,69 @@ class Engine:
     # ------------------------------------------------------------ one pod
 
     def pod_add(self, pod: Pod) -> list[str]:
-        """Enroll one pod: its ipset entry and its table-100 route, nothing else.
+        """Enroll one pod: its set member and its table-100 route, nothing else.
 
-        Two netlink requests on the node's long-lived sockets, no process and no listing (a
-        controller calls this per pod event). Only HostIP is derived, and only when the values
-        leave it to the kernel; the rest of :meth:`node_params` does not concern one pod.
+        The ipset member is one netlink request on the node's long-lived sockets, the route
+        another: no process and no listing (a controller calls this per pod event). With
+        ``--backend nft`` the member goes into our nft table's set (a ``get element``, then one
+        transaction if it is missing or has another comment). Only HostIP is derived, and only
+        when the values leave it to the kernel; the rest of :meth:`node_params` does not
+        concern one pod.
         """
         n = self.values.node
         host = self.hosts["node"]
         host_ip = (n.host_ip if n.host_ip_source == "values"
                    else derive_host_ip(host.links(), n.pod_cidr, n.internal_ip)[0])
         comment = pod.uid if n.ipset_comments else None
-        entry = (f'add {names.IPSET} {pod.ip} comment "{pod.uid}"' if comment is not None
-                 else f"add {names.IPSET} {pod.ip}")
         route = Route(table=names.TABLE_INBOUND, dst=f"{pod.ip}/32", via=str(names.TUN_IN_ZTUNNEL),
                       dev=names.LINK_IN, src=host_ip)
         with self.locked():
-            try:
-                host.ipset_add(names.IPSET, pod.ip, comment)     # like -exist: re-adding is fine
-            except NetlinkFailed as e:
-                if e.code == errno.ENOENT:
-                    raise HostError(f"{names.IPSET} does not exist in {self.node_ns.spec}: "
-                                    "run apply first") from None
-                raise
+            if self.variant == "native":
+                done = nftapply.put_element(host, names.NFT_TABLES["node"],
+                                            nftapply.Element(names.IPSET, pod.ip, comment))
+                entry = done or f"element {names.IPSET} {pod.ip} already there"
+            else:
+                entry = (f'add {names.IPSET} {pod.ip} comment "{pod.uid}"' if comment is not None
+                         else f"add {names.IPSET} {pod.ip}")
+                try:
+                    host.ipset_add(names.IPSET, pod.ip, comment)     # like -exist: re-adding is fine
+                except NetlinkFailed as e:
+                    if e.code == errno.ENOENT:
+                        raise HostError(f"{names.IPSET} does not exist in {self.node_ns.spec}: "
+                                        "run apply first") from None
+                    raise
             host.route_replace(route)
         return [entry, f"route replace {route.show_with_table()}"]
 
     def pod_remove(self, ip: str, uid: Optional[str] = None) -> list[str]:
-        """Unenroll one pod. With a UID, the entry is removed only if its comment is that UID, so a
-        late delete for an old pod never removes a new pod that reused the IP (W14).
+        """Unenroll one pod. With a UID, the member is removed only if its comment is that UID,
+        so a late delete for an old pod never removes a new pod that reused the IP (W14).
 
         Without a UID: one ipset delete (it says whether the IP was enrolled) and the route
         deletes. With one, the member's comment is read first from a listing of our set only.
+        With ``--backend nft``: a ``get element`` first either way, then one delete.
         """
         host = self.hosts["node"]
         done: list[str] = []
         with self.locked():
-            if uid is not None:
-                entry = host.ipset_entry(names.IPSET, ip)
+            if self.variant == "native":
+                table = names.NFT_TABLES["node"]
+                entry = nftapply.get_element(host, table, names.IPSET, ip)
                 if entry is None:
                     return done
-                if entry.comment is not None and entry.comment != uid:
+                if uid is not None and entry.comment is not None and entry.comment != uid:
                     raise HostError(f"{ip} belongs to pod UID {entry.comment}, not {uid}: left in place")
-            if not host.ipset_del(names.IPSET, ip):
-                return done          # not enrolled: its route, if any, is apply's business
-            done.append(f"del {names.IPSET} {ip}")
+                done.append(nftapply.delete_element(host, table, entry))
+            else:
+                if uid is not None:
+                    member = host.ipset_entry(names.IPSET, ip)
+                    if member is None:
+                        return done
+                    if member.comment is not None and member.comment != uid:
+                        raise HostError(f"{ip} belongs to pod UID {member.comment}, not {uid}: left in place")
+                if not host.ipset_del(names.IPSET, ip):
+                    return done          # not enrolled: its route, if any, is apply's business
+                done.append(f"del {names.IPSET} {ip}")
             for r in host.route_del_prefix(names.TABLE_INBOUND, f"{ip}/32"):
                 done.append(f"route del {r.show_with_table()}")
         return done

@@ -66,7 +66,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
 from . import names, nft
-from .host import Host, nft_scratch_json
+from .host import Host, HostError, NftError, nft_scratch_json
 from .model import IptRule, NetnsState, Rendered
 from .plan import Change
 
@@ -427,12 +427,69 @@ def canonical_shape(skeleton: str, table: str) -> Shape:
 
 def observe_table(host: Host, table: str) -> Optional[LiveTable]:
     """Our table as the kernel holds it; None when it does not exist."""
-    present = any(o["table"]["family"] == FAMILY and o["table"]["name"] == table
-                  for o in _objects(host.nft_json("list tables")) if "table" in o)
-    if not present:
+    if not _table_present(host, table):
         return None
     doc = host.nft_json(f"list table {FAMILY} {table}")
     return LiveTable(shape(doc, table), elements(doc, table))
+
+
+# ---------------------------------------------------------------- one element (pod add/remove)
+
+
+def _table_present(host: Host, table: str) -> bool:
+    return any(o["table"]["family"] == FAMILY and o["table"]["name"] == table
+               for o in _objects(host.nft_json("list tables")) if "table" in o)
+
+
+def get_element(host: Host, table: str, set_name: str, ip: str) -> Optional[Element]:
+    """The member ``ip`` of our set with its comment, or None. One ``get element`` (the set is
+    never listed). :class:`HostError` when our table is not there (nothing applied yet)."""
+    try:
+        # nft 1.0.x prints `get element` as text even in JSON mode: the listing is read here
+        text = host.nft(f"get element {FAMILY} {table} {set_name} {{ {ip} }}")
+    except NftError:
+        # the kernel answers a missing element, set or table alike (ENOENT): tell them apart
+        if not _table_present(host, table):
+            raise HostError(f"nft table {FAMILY} {table} does not exist in netns {host.ns.spec}: "
+                            "run apply first") from None
+        return None
+    found = [e for e in _listed_elements(text, set_name) if e.ip == ip]
+    return found[0] if found else None
+
+
+_LISTED = re.compile(r"elements = \{ (.*?) \}", re.S)
+_LISTED_ONE = re.compile(r'(\S+?)(?: comment "([^"]*)")?')
+
+
+def _listed_elements(text: str, set_name: str) -> list[Element]:
+    """The elements of a one-set listing (``get element`` output): ``IP [comment "X"]``, comma
+    separated, wrapped at will."""
+    m = _LISTED.search(text)
+    if m is None:
+        return []
+    out = []
+    for part in m.group(1).split(","):
+        one = _LISTED_ONE.fullmatch(part.strip())
+        if one is not None:
+            out.append(Element(set_name, one.group(1), one.group(2)))
+    return out
+
+
+def put_element(host: Host, table: str, want: Element) -> Optional[str]:
+    """Make ``want`` a member with exactly its comment: added if absent, re-added in ONE
+    transaction (never absent to a reader) if its comment differs. The statement run, or None."""
+    have = get_element(host, table, want.set, want.ip)
+    if have == want:
+        return None
+    text = (_element_text("delete", table, have) if have is not None else "") + _element_text("add", table, want)
+    host.nft(text)
+    return text.strip()
+
+
+def delete_element(host: Host, table: str, e: Element) -> str:
+    text = _element_text("delete", table, e)
+    host.nft(text)
+    return text.strip()
 
 
 def iptables_backend_chains(host: Host) -> list[str]:

@@ -67,19 +67,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--dry-run", action="store_true", help="print what would be removed")
     c.set_defaults(func=run_cleanup)
 
-    pod = sub.add_parser("pod", help="enroll or unenroll one pod (ipset entry + table-100 route)")
+    pod = sub.add_parser("pod", help="enroll or unenroll one pod (set member + table-100 route)")
     psub = pod.add_subparsers(dest="pod_command", metavar="add|remove", required=True)
-    pa = psub.add_parser("add", help="enroll one pod", description="Add one pod's ipset entry and "
-                         "table-100 route, touching nothing else. A later `apply --values` makes the "
-                         "node match the values file again (it is the source of truth).")
+    pa = psub.add_parser("add", help="enroll one pod", description="Add one pod's set member (the "
+                         "ipset; with --backend nft the set in our nft table) and table-100 route, "
+                         "touching nothing else. A later `apply --values` makes the node match the "
+                         "values file again (it is the source of truth).")
     _engine_args(pa)
     pa.add_argument("--namespace", required=True)
     pa.add_argument("--name", required=True)
     pa.add_argument("--uid", required=True)
     pa.add_argument("--ip", required=True)
     pa.set_defaults(func=run_pod_add)
-    pr = psub.add_parser("remove", help="unenroll one pod", description="Remove one pod's ipset entry "
-                         "and route. With --uid the entry is removed only if its comment is that UID, "
+    pr = psub.add_parser("remove", help="unenroll one pod", description="Remove one pod's set member "
+                         "and route. With --uid the member is removed only if its comment is that UID, "
                          "so a late delete never unenrolls a newer pod that reused the IP.")
     _engine_args(pr)
     pr.add_argument("--ip", required=True)

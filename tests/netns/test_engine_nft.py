@@ -454,3 +454,42 @@ def test_canonical_form_comes_from_a_scratch_netns_that_leaves_nothing():
     assert os.stat("/proc/thread-self/ns/net").st_ino == me
     assert "nr-scratch-probe" not in subprocess.run(["nft", "list", "tables"], capture_output=True,
                                                     text=True).stdout
+
+
+# ---------------------------------------------------------------- one pod
+
+
+def test_pod_add_remove_with_nft_touch_one_element_and_its_route(pair):
+    """pod add|remove with --backend nft: the set element (with its UID comment) and the table-100
+    route, nothing else; the rule counters and every other element stay; a late remove for an
+    old pod that reused the IP is refused; a full plan afterwards is empty."""
+    from noderedirect.host import HostError
+    from noderedirect.model import Pod
+
+    node, zt = pair
+    with engine(pair, backend="nft") as eng:
+        with pytest.raises(HostError, match=f"nft table ip {NODE_T} does not exist .*run apply first"):
+            eng.pod_add(Pod("default", "early", "uid-early", "10.244.1.8"))
+        eng.apply()
+        handles, rules = table_handle(node, NODE_T), rule_handles(node, NODE_T)
+        done = eng.pod_add(Pod("default", "new", "uid-new", "10.244.1.9"))
+        assert done == [f'add element ip {NODE_T} {names.IPSET} {{ 10.244.1.9 comment "uid-new" }}',
+                        "route replace 10.244.1.9 via 192.168.126.2 dev istioin src 10.244.1.1 table 100"]
+        assert "10.244.1.9 via 192.168.126.2 dev istioin src 10.244.1.1" in \
+            sh("ip", "route", "show", "table", "100", ns=node)
+        _, live = split_elements(listing(node, NODE_T))
+        assert '10.244.1.9 comment "uid-new"' in live and len(live) == 3
+        # the same pod again: nothing to do; the IP reused by a new UID: re-commented atomically
+        assert eng.pod_add(Pod("default", "new", "uid-new", "10.244.1.9"))[0] == \
+            f"element {names.IPSET} 10.244.1.9 already there"
+        done = eng.pod_add(Pod("default", "newer", "uid-newer", "10.244.1.9"))
+        assert done[0] == (f"delete element ip {NODE_T} {names.IPSET} {{ 10.244.1.9 }}\n"
+                           f'add element ip {NODE_T} {names.IPSET} {{ 10.244.1.9 comment "uid-newer" }}')
+        with pytest.raises(HostError, match="belongs to pod UID uid-newer"):
+            eng.pod_remove("10.244.1.9", uid="uid-new")
+        assert eng.pod_remove("10.244.1.9", uid="uid-newer") == [
+            f"delete element ip {NODE_T} {names.IPSET} {{ 10.244.1.9 }}",
+            "route del 10.244.1.9 via 192.168.126.2 dev istioin src 10.244.1.1 table 100"]
+        assert eng.pod_remove("10.244.1.9") == []                   # not enrolled
+        assert (table_handle(node, NODE_T), rule_handles(node, NODE_T)) == (handles, rules)
+        assert eng.plan().empty
