@@ -33,6 +33,7 @@ NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
 NLM_F_ECHO = 0x8
 NLM_F_DUMP = 0x300
+NLM_F_REPLACE = 0x100       # new requests: replace what matches (`ip route replace`)
 NLM_F_EXCL = 0x200          # new requests: fail if it exists (`ip route add`)
 NLM_F_CREATE = 0x400
 NLM_F_CAPPED = 0x100        # on an error message: the request payload is not echoed back

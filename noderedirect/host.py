@@ -687,6 +687,8 @@ def _route_parts(op: str, af: int, dst_len: int, table: int, rtype: int, scope: 
                  ) -> tuple[int, int, bytes, bytes]:
     if op == "add":
         mtype, mflags, proto = _netlink.RTM_NEWROUTE, _netlink.NLM_F_CREATE | _netlink.NLM_F_EXCL, RTPROT_BOOT
+    elif op == "replace":
+        mtype, mflags, proto = _netlink.RTM_NEWROUTE, _netlink.NLM_F_CREATE | _netlink.NLM_F_REPLACE, RTPROT_BOOT
     else:
         mtype, mflags, proto = _netlink.RTM_DELROUTE, 0, 0
     head, tail = _netlink.route_request_around_dst(af, dst_len, table, rtype, scope, proto, flags,
@@ -696,7 +698,8 @@ def _route_parts(op: str, af: int, dst_len: int, table: int, rtype: int, scope: 
 
 def _route_message(op: str, spec: RouteSpec, oif: Optional[int]) -> tuple[int, int, bytes]:
     """``(type, flags, payload)`` of one route add (``ip route add``: proto boot, fails if it
-    exists) or delete (any protocol; every other field must match)."""
+    exists), replace (``ip route replace``) or delete (any protocol; every other field must
+    match)."""
     af, dst, dst_len, table, rtype, scope, flags, gateway, prefsrc, _ = spec
     mtype, mflags, head, tail = _route_parts(op, af, dst_len, table, rtype, scope, flags, gateway,
                                              prefsrc, oif)
@@ -1250,25 +1253,18 @@ class Host:
         return deleted
 
     def _route(self, op: str, r: Route) -> None:
-        route_args(r)   # validates every field
-        kw: dict[str, Any] = {"dst": r.dst, "table": r.table, "type": r.type, "family": _af(r.family),
-                              "scope": {None: 0, "site": 200, "link": 253, "host": 254}[r.scope]}
-        if op != "del":
-            # proto boot, as `ip route add` (so routes_batch) sets it: one kernel state either
-            # way. Never on delete: there it would have to match, and others use other protos
-            kw["proto"] = "boot"
-        if r.via:
-            kw["gateway"] = r.via
-        if r.src:
-            kw["prefsrc"] = r.src
-        if r.onlink:
-            kw["flags"] = RTNH_F_ONLINK
+        """One route ``add`` / ``replace`` / ``del`` on the bare netlink socket (adds and
+        replaces with proto boot, as ``ip route add`` sets it; a delete leaves the protocol
+        open and names every other field)."""
+        spec = _route_spec(r)      # validates every field
+        what = f"route {op} '{r.show_with_table()}'"
 
-        def change(ipr: IPRoute) -> None:
-            if r.dev:
-                kw["oif"] = self._ifindex_here(r.dev)
-            ipr.route(op, **kw)
-        self.netlink(change, f"route {op} '{r.show_with_table()}'")
+        def change() -> None:
+            oif = self._ifindex_here(r.dev) if r.dev else None
+            mtype, flags, payload = _route_message({"del": "delete"}.get(op, op), spec, oif)
+            self._raw_request("_rtnl", _netlink.NETLINK_ROUTE, mtype,
+                              _netlink.NLM_F_REQUEST | _netlink.NLM_F_ACK | flags, payload, what)
+        self.in_netns(change)
         log.info("route %s netns=%s route=%r", op, self.ns.spec, r.show_with_table())
 
     def routes_batch(self, add: Iterable[Route] = (), delete: Iterable[Route] = ()) -> None:
