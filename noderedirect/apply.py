@@ -142,16 +142,16 @@ class Engine:
         self.driver.check(self.node_ns.path, self.zt_ns.path)
         feats = self.hosts["node"].features()
         if self.variant == "nft" and not feats.iptables_nft:
-            raise MissingFeature("iptables-nft is not available; install iptables or use --backend iptables-legacy")
+            raise MissingFeature("iptables_nft", self.node_ns.spec)
         if self.variant == "legacy" and not feats.iptables_legacy:
-            raise MissingFeature("iptables-legacy is not available; use --backend iptables (nft)")
+            raise MissingFeature("iptables_legacy", self.node_ns.spec)
         if self.variant == "native":
             # no ipset and no iptables with this backend: libnftables, and TPROXY for Z1-Z4
             feats.require("nft_bindings")
             feats.require("tproxy")
             return
         if not feats.ipset:
-            raise MissingFeature("the ipset tool or the kernel's hash:ip sets are missing; install ipset")
+            raise MissingFeature("ipset", self.node_ns.spec)
 
     def _note(self, text: str) -> None:
         if text not in self.notes:
@@ -404,9 +404,10 @@ class Engine:
         reverse dependency order."""
         host = self.hosts[want.role]
         done: list[Change] = []
-        for table, text in p.restore:
-            # one atomic iptables-restore per table (kernel-notes §5: atomicity is per table)
-            host.iptables_restore(text, self.variant, noflush=True)
+        for r in p.restore:
+            # one atomic iptables-restore per table (kernel-notes §5: atomicity is per table);
+            # ip6tables-restore for the IPv6 copy
+            host.iptables_restore(r.text, self.variant, family=r.family, noflush=True)
         done += p.of("iptables")
         if p.of("nft"):
             nftapply.execute(host, p.of("nft"))      # one transaction, before ip rules steer
@@ -539,8 +540,8 @@ class Engine:
         stale = [c.old for c in p.of("route")]
         if stale:
             host.routes_batch(delete=stale)
-        for table, text in p.restore:
-            host.iptables_restore(text, self.variant, noflush=True)
+        for r in p.restore:
+            host.iptables_restore(r.text, self.variant, family=r.family, noflush=True)
         nftapply.execute(host, p.of("nft"))          # our table only; never a ruleset flush
         for c in p.of("ipset"):
             if c.action == "destroy":

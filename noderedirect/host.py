@@ -213,6 +213,8 @@ FEATURE_HELP: dict[str, tuple[str, str]] = {
               "install ipset, or use the native nft rules, which need no ipset"),
     "iptables_nft": ("iptables-nft is", "use the iptables-legacy variant or the native nft rules"),
     "iptables_legacy": ("iptables-legacy is", "use the iptables-nft variant or the native nft rules"),
+    "ip6tables": ("ip6tables (IPv6 netfilter, for inpod.ipv6: true) is",
+                  "install ip6tables of the chosen variant on a kernel with IPv6, or set inpod.ipv6: false"),
     "nft_bindings": ("the nftables Python bindings (libnftables1) are",
                      "install Debian's libnftables1, or use iptables rules"),
     "tproxy": ("TPROXY is", "nothing can replace it on the ztunnel side; use a kernel with "

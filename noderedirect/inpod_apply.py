@@ -19,9 +19,13 @@ same per-netns apply (``Engine._write_netns``: the ipset script, routes, one
   ``*-save`` probe, then upstream's restore text in one ``iptables-restore`` call, the ip rule
   and the table-100 route inside the pod's netns, and the pod's entry in the node's probe set.
 
-IPv6 in-pod rules are rendered (``render --mode inpod``) but not applied here: the apply path
-restores IPv4 only, so an IPv6 values file is refused with a clear error. The native nft
-backend of in-pod mode (1.28+) is not implemented either.
+IPv6 (``inpod.ipv6: true``, 1.23+) is applied as upstream's node agent applies it: every
+per-family step is done for both families — ``ip6tables-restore --noflush`` with the v6 rule file
+per table, ``ip -6 rule`` 32764 and ``ip -6 route local ::/0 dev lo table 100`` in each pod
+netns (the route is skipped where the pod's ``lo`` has IPv6 disabled, as 1.23+ does), the
+node's v6 ``ISTIO_POSTRT`` and its ``istio-inpod-probes-v6`` set (family inet6; entries for
+pods with an IPv6 address). No sysctls in either family. With IPv6 off nothing IPv6 is read or
+written. The native nft backend of in-pod mode (1.28+) is not implemented.
 """
 
 from __future__ import annotations
@@ -36,9 +40,9 @@ from typing import Mapping, Optional
 
 from . import desired as desired_mod
 from . import names, observe as observe_mod
-from .apply import ConflictError, ConvergenceError, Engine, Result
-from .host import Host, HostError, MissingFeature, NetlinkFailed, NetnsRef
-from .model import IptRule, NetnsState, Pod, Rendered, Values
+from .apply import ConflictError, ConvergenceError, Engine, Result, _save_blocks
+from .host import IPTABLES_WAIT, Host, HostError, MissingFeature, NetlinkFailed, NetnsRef
+from .model import IptRule, NetnsState, Pod, Rendered, Route, Values
 from .plan import NetnsPlan, Observation, ObservedRule, Plan, ownership, plan_netns, removal
 from .render import restore_text
 
@@ -46,9 +50,14 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("iptables", "iptables-nft", "iptables-legacy")
 
+# 1.23+ leaves out the v6 table-100 route when the pod's lo has IPv6 disabled (#51712)
+LO_IPV6_OFF = "net/ipv6/conf/lo/disable_ipv6"
+# the state-file key of the ip6tables-nft tables that existed before our first IPv6 write
+_IP6_TABLES_KEY = "ip6tables_tables_nft"
+
 
 class InpodError(HostError):
-    """The in-pod engine cannot do what was asked (a pod without a netns, IPv6, a backend)."""
+    """The in-pod engine cannot do what was asked (a pod without a netns, a backend)."""
 
 
 # ---------------------------------------------------------------- canonical form (§2.4)
@@ -80,12 +89,26 @@ def canonical(rule: IptRule) -> IptRule:
     return dataclasses.replace(rule, args=a)
 
 
+def canonical_route(route: Route) -> Route:
+    """A route as the kernel reports it back. IPv6 routes have no scope (the kernel ignores the
+    ``scope host`` upstream asks for on ``local ::/0``), so the v6 route is compared without it."""
+    if route.family == 6 and route.scope is not None:
+        return dataclasses.replace(route, scope=None)
+    return route
+
+
 def canonical_netns(ns: NetnsState) -> NetnsState:
-    return dataclasses.replace(ns, iptables=tuple(canonical(r) for r in ns.iptables))
+    return dataclasses.replace(ns, iptables=tuple(canonical(r) for r in ns.iptables),
+                               routes=tuple(canonical_route(r) for r in ns.routes))
 
 
 def pod_role(pod: Pod) -> str:
     return f"pod:{pod.key}"
+
+
+def _ip(family: int) -> str:
+    """``ip`` or ``ip -6``, as a step of :meth:`InpodEngine.pod_add` is reported."""
+    return "ip -6" if family == 6 else "ip"
 
 
 # ---------------------------------------------------------------- the engine
@@ -101,13 +124,11 @@ class InpodEngine(Engine):
         if backend not in BACKENDS:
             raise InpodError(f"backend {backend!r}: in-pod mode is applied with "
                              f"{', '.join(BACKENDS)} (its native nft backend is not implemented)")
-        if desired_mod.inpod_ipv6(values):
-            raise InpodError("inpod.ipv6 is on: IPv6 in-pod rules are rendered but this engine "
-                             "applies IPv4 only; set inpod.ipv6: false")
         # the legacy engine's per-netns machinery, pointed at the node alone; the ztunnel
         # Host it makes is never started (in-pod mode has no ztunnel netns to program)
         super().__init__(values, node_ns, node_ns, backend=backend, rules=rules)
         self.hosts.pop("ztunnel").close()
+        self._ip6tables_ok = False
         self.pod_ns: dict[str, NetnsRef] = {}
         self._pods_by_role: dict[str, Pod] = {}
         by_uid = {p.uid: p for p in values.pods}
@@ -127,6 +148,11 @@ class InpodEngine(Engine):
         if role not in self.hosts:
             self.hosts[role] = Host(ref)
 
+    @property
+    def families(self) -> tuple[int, ...]:
+        """The iptables/rule/route families this engine reads and writes: (4, 6) with IPv6 on."""
+        return (4, 6) if desired_mod.inpod_ipv6(self.values) else (4,)
+
     # ------------------------------------------------------------ what we want
 
     def check_features(self) -> None:
@@ -138,31 +164,61 @@ class InpodEngine(Engine):
             raise MissingFeature("iptables_legacy", self.node_ns.spec, "use --backend iptables (nft)")
         if not feats.ipset:
             raise MissingFeature("ipset", self.node_ns.spec, "install ipset (the probe set needs it)")
+        if 6 in self.families and not self._ip6tables_ok:
+            self._check_ip6tables()
+            self._ip6tables_ok = True
+
+    def _check_ip6tables(self) -> None:
+        """IPv6 needs the kernel's IPv6 stack and ip6tables of the chosen variant; probed once in
+        the node netns with reads that create nothing (no table appears by listing it)."""
+        node = self.hosts["node"]
+        if node.sysctl_get([LO_IPV6_OFF]).get(LO_IPV6_OFF) is None:
+            raise MissingFeature("ip6tables", self.node_ns.spec, "the kernel has no IPv6 (no /proc/sys/net/ipv6)")
+        if self.variant == "nft":
+            argv = ["ip6tables-nft", "-w", IPTABLES_WAIT, "-t", "filter", "-S"]
+        else:
+            argv = ["ip6tables-legacy-save"]
+        cp = node.run(argv, check=False, timeout=10)
+        if cp.returncode != 0:
+            first = next((l.strip() for l in cp.stderr.splitlines() if l.strip()), f"exit {cp.returncode}")
+            raise MissingFeature("ip6tables", self.node_ns.spec, f"{' '.join(argv)}: {first}")
 
     def node_params(self) -> Values:
         # in-pod rules use no HostIP, tunnel remote or GENEVE port: nothing to derive
         return self.values
 
     def desired(self) -> Rendered:
-        """The rendered in-pod design, every iptables rule in canonical form."""
+        """The rendered in-pod design, every iptables rule and route in canonical form, fitted to
+        each pod's netns (:meth:`_fit`)."""
         rendered = desired_mod.render(self.values, "inpod", rules=self.rules)
-        return dataclasses.replace(rendered, netns=tuple(canonical_netns(ns) for ns in rendered.netns))
+        return dataclasses.replace(rendered, netns=tuple(canonical_netns(self._fit(ns)) for ns in rendered.netns))
+
+    def _fit(self, ns: NetnsState) -> NetnsState:
+        """The run-time check of 1.23+: no v6 table-100 route in a pod netns whose ``lo`` has
+        IPv6 disabled (the kernel would refuse it). The ip rule and ip6tables rules stay."""
+        if not ns.role.startswith("pod:") or not any(r.family == 6 for r in ns.routes):
+            return ns
+        if self.hosts[ns.role].sysctl_get([LO_IPV6_OFF]).get(LO_IPV6_OFF) != "1":
+            return ns
+        log.info("role=%s: lo has IPv6 disabled, no IPv6 table-%d route", ns.role, names.INPOD_TABLE)
+        return dataclasses.replace(ns, routes=tuple(r for r in ns.routes if r.family != 6))
 
     # ------------------------------------------------------------ what is there
 
     def observe(self, want: NetnsState) -> Observation:
         host = self.hosts[want.role]
         own = ownership(want.role, "inpod")
-        seen = observe_mod.observe(host, want.role, variant=self.variant, tables=own.tables)
+        seen = observe_mod.observe(host, want.role, variant=self.variant, tables=own.tables,
+                                   families=self.families)
         return Observation(
             role=want.role, ipsets=observe_mod.settle_grown_sets(seen.ipsets, want.ipsets),
             ipset_entries=seen.ipset_entries, iptables=seen.iptables,
-            chains=frozenset(seen.chains),
+            chains=frozenset(seen.chains), chains6=frozenset(seen.chains6),
             ip_rules=tuple(ObservedRule(o.rule, o.plain, o.text) for o in seen.ip_rules),
             routes=tuple(r for r in seen.routes if r.table in own.tables))
 
     def plan_one(self, want: NetnsState) -> NetnsPlan:
-        return plan_netns(want, self.observe(want), ownership(want.role, "inpod"))
+        return plan_netns(want, self.observe(want), ownership(want.role, "inpod"), families=self.families)
 
     # ------------------------------------------------------------ changing things
 
@@ -197,7 +253,7 @@ class InpodEngine(Engine):
             plans = []
             for role in ["node"] + sorted(r for r in self.hosts if r != "node"):
                 obs = self.observe(NetnsState(role=role))
-                plans.append(removal(obs, ownership(role, "inpod")))
+                plans.append(removal(obs, ownership(role, "inpod"), families=self.families))
             p = Plan(tuple(plans))
             result = Result(plan=p)
             if dry_run:
@@ -206,6 +262,32 @@ class InpodEngine(Engine):
                 result.applied += self._cleanup_netns(ns_plan)
         result.seconds = time.perf_counter() - t0
         return result
+
+    # ------------------------------------------------------------ IPv6 tables we created
+
+    def _record_tables(self, host: Host, role: str) -> None:
+        """As the legacy engine does for IPv4, and for the IPv6 tables too when IPv6 is on:
+        ip6tables-nft creates ``ip6`` tables on first use that cleanup then drops again."""
+        super()._record_tables(host, role)
+        if 6 not in self.families or self.variant != "nft":
+            return
+        state = self._load_state(host)
+        if _IP6_TABLES_KEY not in state:
+            # called before this netns is written: what the save shows existed before us
+            state[_IP6_TABLES_KEY] = sorted(_save_blocks(host.iptables_save(self.variant, family=6)))
+            self._save_state(host, state)
+
+    def _drop_tables_we_created(self, host: Host) -> None:
+        """The legacy engine's IPv4 clean-up of empty tables it created, then the same for IPv6
+        (only with a record from before our first IPv6 write; without one nothing is dropped)."""
+        super()._drop_tables_we_created(host)
+        before = self._load_state(host).get(_IP6_TABLES_KEY)
+        if before is None or self.variant != "nft":
+            return
+        for table, lines in _save_blocks(host.iptables_save(self.variant, family=6)).items():
+            if table not in before and all(re.fullmatch(r":[A-Z]+ ACCEPT \[\d+:\d+\]", l) for l in lines):
+                host.nft(f"delete table ip6 {table}")
+                log.info("removed empty ip6tables-nft table=%s netns=%s", table, host.ns.spec)
 
     # ------------------------------------------------------------ one pod
 
@@ -220,20 +302,30 @@ class InpodEngine(Engine):
            duplicate jumps);
         2. in the node's netns: the pod's IP in the probe set, comment = pod UID.
 
+        With IPv6 on, each step is done for both families: an ``ip6tables-save`` probe too, one
+        ``ip6tables-restore --noflush`` with the v6 file after the v4 one, the v6 route (unless
+        the pod's lo has IPv6 disabled) and rule, and the pod's IPv6 address in the v6 set.
+
         Returns what was done, one line per step.
         """
         if netns is not None:
             self._add_pod(pod, NetnsRef.resolve(netns))
         if pod.uid not in self.pod_ns:
             raise InpodError(f"no network namespace known for pod {pod.key} (uid {pod.uid})")
+        families = self.families
+        if 6 in families and not self._ip6tables_ok:
+            self._check_ip6tables()
+            self._ip6tables_ok = True
         values = dataclasses.replace(self.values, pods=(pod,))
         rendered = desired_mod.render(values, "inpod", rules=self.rules)
-        want = rendered.get(pod_role(pod))
+        want = self._fit(rendered.get(pod_role(pod)))
         host = self.hosts[pod_role(pod)]
         done: list[str] = []
         with self.locked():
-            saved = host.iptables_save(self.variant)
-            if any(line.startswith(":" + names.INPOD_CHAIN_PREFIX) for line in saved.splitlines()):
+            saving = [host.iptables_save_start(self.variant, family=fam) for fam in families]
+            saved = [s.result().stdout for s in saving]
+            ours = ":" + names.INPOD_CHAIN_PREFIX
+            if any(line.startswith(ours) for text in saved for line in text.splitlines()):
                 # not a fresh pod netns: converge it through the planner
                 canon = canonical_netns(want)
                 ns_plan = self.plan_one(canon)
@@ -242,16 +334,21 @@ class InpodEngine(Engine):
                 self._apply_netns(canon, ns_plan)
                 done += [c.line() for c in ns_plan.changes]
             else:
-                host.iptables_restore(restore_text(want.rules_for(4)), self.variant, noflush=True)
-                done.append(f"iptables-restore --noflush: {len(want.rules_for(4))} rules")
+                for fam in families:
+                    rules = want.rules_for(fam)
+                    host.iptables_restore(restore_text(rules), self.variant, family=fam, noflush=True)
+                    tool = "iptables-restore" if fam == 4 else "ip6tables-restore"
+                    done.append(f"{tool} --noflush: {len(rules)} rules")
                 for r in want.routes:
                     host.route_replace(r)
-                    done.append(f"route replace {r.show_with_table()}")
-                have = {o.rule for o in host.ip_rules(4) if o.plain}
+                    # v4 lines read as they always did; the v6 route is marked ``ip -6``
+                    tag = "ip -6 " if r.family == 6 else ""
+                    done.append(f"{tag}route replace {r.show_with_table()}")
+                have = {o.rule for fam in families for o in host.ip_rules(fam) if o.plain}
                 for r in want.ip_rules:
                     if r not in have:
                         host.rule_add(r)
-                        done.append(f"ip rule add {r.show().replace(chr(9), ' ')}")
+                        done.append(f"{_ip(r.family)} rule add {r.show().replace(chr(9), ' ')}")
             node = self.hosts["node"]
             node_state = rendered.get("node")
             for e in node_state.ipset_entries:
@@ -281,21 +378,25 @@ class InpodEngine(Engine):
 
     def pod_remove(self, pod: Pod) -> list[str]:
         """Unenroll one pod that keeps running (§4.7): its probe-set entry (only if the comment
-        is its UID), then everything of ours inside its netns."""
+        is its UID), then everything of ours inside its netns. With IPv6 on, its IPv6 address
+        leaves the v6 set the same way, and both families are cleaned inside its netns."""
         done: list[str] = []
         node = self.hosts["node"]
-        sets = {e.set for e in desired_mod.render(dataclasses.replace(self.values, pods=(pod,)),
-                                                  "inpod", rules=self.rules).get("node").ipset_entries}
+        wanted = sorted({(e.set, e.ip) for e in desired_mod.render(
+            dataclasses.replace(self.values, pods=(pod,)), "inpod", rules=self.rules).get("node").ipset_entries})
         with self.locked():
-            for s in sorted(sets):
-                entry = node.ipset_entry(s, pod.ip)
+            # every entry is checked before any is removed: a reused address leaves both in place
+            found = [(s, ip, node.ipset_entry(s, ip)) for s, ip in wanted]
+            for s, ip, entry in found:
                 if entry is not None and entry.comment not in (None, pod.uid):
-                    raise InpodError(f"{pod.ip} in {s} belongs to pod UID {entry.comment}, not {pod.uid}")
-                if entry is not None and node.ipset_del(s, pod.ip):
-                    done.append(f"del {s} {pod.ip}")
+                    raise InpodError(f"{ip} in {s} belongs to pod UID {entry.comment}, not {pod.uid}")
+            for s, ip, entry in found:
+                if entry is not None and node.ipset_del(s, ip):
+                    done.append(f"del {s} {ip}")
             role = pod_role(pod)
             if role in self.hosts:
-                p = removal(self.observe(NetnsState(role=role)), ownership(role, "inpod"))
+                p = removal(self.observe(NetnsState(role=role)), ownership(role, "inpod"),
+                            families=self.families)
                 self._cleanup_netns(p)
                 done += [c.line() for c in p.changes]
         self.values = dataclasses.replace(self.values,

@@ -2,7 +2,8 @@
 
 The plan says, per network namespace and object kind, exactly what apply will change and why
 ("missing", "drifted: was …", "stale", "duplicate"), plus the iptables-restore text per table
-that makes the iptables part of it one atomic call per table.
+(and per family: ip6tables-restore for the IPv6 copy) that makes the iptables part of it one
+atomic call per table.
 
 Ownership (what we may change) is decided here, from the kernel alone:
 - iptables: chains named ``ztunnel-*``/``ISTIO_*``; jumps from built-in chains into them; and
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, NamedTuple, Optional, Sequence
 
 from . import names
 from .model import IpRule, IpsetEntry, IpsetSet, IptRule, Link, NetnsState, Route, Sysctl
@@ -46,7 +47,8 @@ class Observation:
     ipsets: tuple[IpsetSet, ...] = ()
     ipset_entries: tuple[IpsetEntry, ...] = ()
     iptables: tuple[IptRule, ...] = ()                 # all rules, all tables, in chain order
-    chains: frozenset = frozenset()                    # declared (table, chain) pairs
+    chains: frozenset = frozenset()                    # declared (table, chain) pairs, IPv4
+    chains6: frozenset = frozenset()                   # the same for IPv6 (ip6tables-save)
     ip_rules: tuple[ObservedRule, ...] = ()
     routes: tuple[Route, ...] = ()                     # every route in the design's tables
     links: tuple[Link, ...] = ()                       # our link names only, as the driver sees them
@@ -68,13 +70,20 @@ class Change:
         return f"{self.role:<8} {self.kind:<8} {self.action:<8} {self.desc}{why}"
 
 
+class Restore(NamedTuple):
+    """One atomic ``iptables-restore --noflush`` call (``ip6tables-restore`` for family 6)."""
+    family: int
+    table: str
+    text: str
+
+
 @dataclass(frozen=True)
 class NetnsPlan:
     role: str
     changes: tuple[Change, ...] = ()
     conflicts: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
-    restore: tuple[tuple[str, str], ...] = ()   # (table, iptables-restore --noflush text)
+    restore: tuple[Restore, ...] = ()           # one per (family, table), IPv4 first
     ipset_script: str = ""                      # ipset restore text (adds, dels, create, swap)
 
     def of(self, kind: str) -> list[Change]:
@@ -153,14 +162,20 @@ def holds(obs: Observation, own: Ownership) -> bool:
     """Does this netns already carry our anchors (so its tables/priorities are ours)?"""
     if obs.ipsets or obs.links:
         return True
-    if any(names.is_owned_chain(c) for _, c in obs.chains):
+    if any(names.is_owned_chain(c) for _, c in obs.chains | obs.chains6):
         return True
     return any(_is_owned_builtin_rule(r, own) for r in obs.iptables
                if r.chain in names.BUILTIN_CHAINS.get(r.table, ()))
 
 
+def family_tag(family: int) -> str:
+    """How a plan line marks the IPv6 copy of a rule, route or chain (as ``ip -6``/``iptables -6``
+    do); IPv4 is unmarked, so IPv4-only plans read as they always did."""
+    return "-6 " if family == 6 else ""
+
+
 def _rule_desc(r: IpRule) -> str:
-    return r.show().replace(":\t", ": ")
+    return family_tag(r.family) + r.show().replace(":\t", ": ")
 
 
 # ---------------------------------------------------------------- per kind
@@ -257,12 +272,13 @@ def plan_routes(role: str, want: Sequence[Route], have: Sequence[Route]) -> list
         if have_set[r] == 0:
             old = first_by_key.get((r.table, r.dst, r.type))
             reason = f"drifted: was {old.show()}" if old else "missing"
-            out.append(Change(role, "route", "replace" if old else "add", r.show_with_table(), reason, obj=r, old=old))
+            out.append(Change(role, "route", "replace" if old else "add",
+                              family_tag(r.family) + r.show_with_table(), reason, obj=r, old=old))
     replaced = {c.old for c in out if c.old is not None}
     want_set = set(want)
     for h in have:
         if h not in want_set and h not in replaced:
-            out.append(Change(role, "route", "delete", h.show_with_table(), "stale", old=h))
+            out.append(Change(role, "route", "delete", family_tag(h.family) + h.show_with_table(), "stale", old=h))
     return out
 
 
@@ -291,14 +307,16 @@ def plan_ip_rules(role: str, want: Sequence[IpRule], have: Sequence[ObservedRule
 
 def plan_iptables(role: str, want: Sequence[IptRule], have: Sequence[IptRule],
                   have_chains: Iterable[tuple[str, str]], own: Ownership,
-                  family: int = 4) -> tuple[list[Change], list[tuple[str, str]], list[str]]:
-    """Chain-level diff -> changes, one restore text per table, warnings.
+                  family: int = 4) -> tuple[list[Change], list[Restore], list[str]]:
+    """Chain-level diff -> changes, one restore text per table, warnings (one family:
+    ``have_chains`` are that family's declared chains).
 
     Owned chains whose content differs are rewritten whole (``:chain - [0:0]`` flushes it in
     --noflush mode); unchanged chains are not mentioned, so their counters survive.
     """
     changes: list[Change] = []
-    restores: list[tuple[str, str]] = []
+    restores: list[Restore] = []
+    tag = family_tag(family)
     warnings: list[str] = []
     want = [r for r in want if r.family == family]
     have = [r for r in have if r.family == family]
@@ -322,10 +340,10 @@ def plan_iptables(role: str, want: Sequence[IptRule], have: Sequence[IptRule],
         # owned chains: create / rewrite / delete
         for c in want_chains:
             if c not in have_body:
-                changes.append(Change(role, "iptables", "create", f"{table} chain {c} ({len(want_body[c])} rules)",
-                                      "missing"))
+                changes.append(Change(role, "iptables", "create",
+                                      f"{tag}{table} chain {c} ({len(want_body[c])} rules)", "missing"))
             elif have_body[c] != want_body[c]:
-                changes.append(Change(role, "iptables", "rewrite", f"{table} chain {c}",
+                changes.append(Change(role, "iptables", "rewrite", f"{tag}{table} chain {c}",
                                       _chain_drift(have_body[c], want_body[c])))
             else:
                 continue
@@ -338,20 +356,22 @@ def plan_iptables(role: str, want: Sequence[IptRule], have: Sequence[IptRule],
         for r in want_hooks:
             present = [x for x in h if x.chain == r.chain and x.args == r.args]
             if not present:
-                changes.append(Change(role, "iptables", "hook", f"{table} -I {r.chain} 1 {r.args}", "missing"))
+                changes.append(Change(role, "iptables", "hook", f"{tag}{table} -I {r.chain} 1 {r.args}",
+                                      "missing"))
                 post.append(f"-I {r.chain} 1 {r.args}")
             for _ in present[1:]:
-                changes.append(Change(role, "iptables", "unhook", f"{table} -D {r.chain} {r.args}", "duplicate"))
+                changes.append(Change(role, "iptables", "unhook", f"{tag}{table} -D {r.chain} {r.args}",
+                                      "duplicate"))
                 body.insert(0, f"-D {r.chain} {r.args}")
             if present:
                 first = next(x for x in h if x.chain == r.chain)
                 if first.args != r.args:
-                    warnings.append(f"{role}: {table} {r.chain}: our jump to {r.target} is not first "
+                    warnings.append(f"{role}: {tag}{table} {r.chain}: our jump to {r.target} is not first "
                                     f"(below '{first.args}'); traffic that rule accepts skips ours")
         want_hook_keys = {(r.chain, r.args) for r in want_hooks}
         for x in h:
             if x.chain in builtins and x.is_hook and (x.chain, x.args) not in want_hook_keys:
-                changes.append(Change(role, "iptables", "unhook", f"{table} -D {x.chain} {x.args}", "stale"))
+                changes.append(Change(role, "iptables", "unhook", f"{tag}{table} -D {x.chain} {x.args}", "stale"))
                 body.insert(0, f"-D {x.chain} {x.args}")
 
         # our rules inside built-in chains (legacy ztunnel netns): exact sequence at the top
@@ -365,19 +385,19 @@ def plan_iptables(role: str, want: Sequence[IptRule], have: Sequence[IptRule],
             if ok:
                 continue
             reason = "missing" if not have_in else _chain_drift(have_in, want_in)
-            changes.append(Change(role, "iptables", "rewrite", f"{table} {chain}: our {len(want_in)} rules",
+            changes.append(Change(role, "iptables", "rewrite", f"{tag}{table} {chain}: our {len(want_in)} rules",
                                   reason))
             for a in have_in:
                 body.insert(0, f"-D {chain} {a}")
             post += [f"-I {chain} {i + 1} {a}" for i, a in enumerate(want_in)]
 
         for c in stale_chains:
-            changes.append(Change(role, "iptables", "destroy", f"{table} chain {c}", "stale"))
+            changes.append(Change(role, "iptables", "destroy", f"{tag}{table} chain {c}", "stale"))
             pre.append(f":{c} - [0:0]")
             post.append(f"-X {c}")
         lines = pre + body + post
         if lines:
-            restores.append((table, f"*{table}\n" + "".join(l + "\n" for l in lines) + "COMMIT\n"))
+            restores.append(Restore(family, table, f"*{table}\n" + "".join(l + "\n" for l in lines) + "COMMIT\n"))
     return changes, restores, warnings
 
 
@@ -428,9 +448,10 @@ def plan_netns(want: NetnsState, obs: Observation, own: Ownership, *, families: 
     changes += plan_sysctls(role, want.sysctls, obs.sysctls)
     ich, script = plan_ipsets(role, want.ipsets, want.ipset_entries, obs.ipsets, obs.ipset_entries)
     changes += ich
-    restores: list[tuple[str, str]] = []
+    restores: list[Restore] = []
     for fam in families:
-        c, r, w = plan_iptables(role, want.iptables, obs.iptables, obs.chains, own, fam)
+        have_chains = obs.chains if fam == 4 else obs.chains6
+        c, r, w = plan_iptables(role, want.iptables, obs.iptables, have_chains, own, fam)
         changes += c
         restores += r
         warnings += w
@@ -448,10 +469,12 @@ def plan(wants: Sequence[NetnsState], observations: Sequence[Observation], mode:
                       for w in wants))
 
 
-def removal(obs: Observation, own: Ownership, *, sysctl_restore: Optional[Sequence[Sysctl]] = None) -> NetnsPlan:
-    """What cleanup removes: the plan towards an empty desired state (foreign objects untouched)."""
+def removal(obs: Observation, own: Ownership, *, sysctl_restore: Optional[Sequence[Sysctl]] = None,
+            families: Sequence[int] = (4,)) -> NetnsPlan:
+    """What cleanup removes: the plan towards an empty desired state (foreign objects untouched),
+    for the iptables families in ``families`` (``obs`` read with the same ones)."""
     empty = NetnsState(role=obs.role)
-    p = plan_netns(empty, obs, own)
+    p = plan_netns(empty, obs, own, families=families)
     changes = [c for c in p.changes]
     for s in sysctl_restore or ():
         changes.append(Change(obs.role, "sysctl", "set", s.show(), "restore the value from before apply", obj=s))

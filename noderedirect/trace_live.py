@@ -15,6 +15,15 @@ Owns the translation of what :func:`noderedirect.observe.observe` reports throug
   bridge's record);
 - ``net.ipv4.ip_forward``.
 
+With ``--backend nft`` (the native nft backend) our rules and set are read from our nft table
+instead, by :mod:`noderedirect.trace_live_nft`: each live nft rule becomes the rendered
+iptables rule it was translated from when its rule id AND its expression match that
+translation (the caller passes the rendered netns: the values the apply used), the set's
+members become the ipset members. A rule with an unknown id or a changed expression, other
+tables' base chains, and iptables-nft rules that share a hook and priority with our base
+chains (their order is not knowable) are ``unsupported``; iptables-nft's other rules (KUBE-*
+chains …) are read as with ``--backend iptables``.
+
 What the tracer's model cannot express is listed, as the kernel shows it, in ``unsupported``
 (an ip rule with ``from``/``to``/``iif`` selectors or a ``blackhole`` action, a ``blackhole`` or
 ``throw`` route …): the topology refuses it, or leaves it out with ``--lenient``. Broadcast
@@ -27,18 +36,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
-from . import names, tunnels
+from . import names, trace_live_nft, tunnels
 from .host import Host, HostError, LinkInfo
-from .model import IpRule, Link, NetnsState, Route
+from .model import IpRule, IpsetEntry, IpsetSet, IptRule, Link, NetnsState, Route
 from .observe import Observed, observe, tunnel_links
 from .topology_model import TABLE_LOCAL, TABLE_MAIN, LiveState
 
 log = logging.getLogger(__name__)
 
-# --backend -> observe()'s iptables variant; the native nft backend has no reader here yet
-VARIANTS = {"iptables": "nft", "iptables-nft": "nft", "iptables-legacy": "legacy"}
+# --backend -> observe()'s iptables variant; the native nft backend reads iptables-nft's tables
+# too (other programs' rules), beside our nft table
+VARIANTS = {"iptables": "nft", "iptables-nft": "nft", "iptables-legacy": "legacy", "nft": "nft"}
+NFT_BACKEND = "nft"
 DESIGN_TABLES = names.LEGACY_NODE_TABLES          # 100, 101, 102 (the ztunnel netns uses the same numbers)
 ALWAYS_TABLES = DESIGN_TABLES + (TABLE_MAIN, TABLE_LOCAL)
 SYSCTL_FORWARD = "net/ipv4/ip_forward"     # observe() takes slashed keys
@@ -49,28 +61,66 @@ class LiveReadError(HostError):
     """The netns cannot be read the way asked (unknown backend, missing netns …)."""
 
 
-def read(netns: str, role: str, backend: str = "iptables") -> LiveState:
-    """What ``netns`` holds now, for the netns of ``role`` ("node" or "ztunnel")."""
+@dataclass(frozen=True)
+class _Firewall:
+    """The packet-filter half of a live netns, whichever backend wrote it."""
+    iptables: tuple[IptRule, ...]
+    chains: tuple[tuple[str, str], ...]
+    ipsets: tuple[IpsetSet, ...]
+    entries: tuple[IpsetEntry, ...]
+    unsupported: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+def read(netns: str, role: str, backend: str = "iptables",
+         rendered: Optional[NetnsState] = None) -> LiveState:
+    """What ``netns`` holds now, for the netns of ``role`` ("node" or "ztunnel").
+
+    ``rendered``: with ``backend="nft"``, the legacy netns of this role rendered from the values
+    the apply used; each live nft rule is interpreted as the rendered rule it translates."""
     if backend not in VARIANTS:
-        raise LiveReadError(f"--backend {backend}: trace --from netns reads iptables or iptables-legacy")
-    variant = VARIANTS[backend]
+        raise LiveReadError(f"--backend {backend}: trace --from netns reads iptables, "
+                            "iptables-legacy or nft")
+    if backend == NFT_BACKEND and (rendered is None or rendered.role != role):
+        raise LiveReadError(f"--backend nft: reading netns {netns} needs the rendered {role} netns "
+                            "to map the nft rules back to")
     with Host(netns) as host:
         looked_up = {r.rule.table for r in host.ip_rules(4)
                      if r.rule.action == "lookup" and r.rule.table is not None}
         tables = tuple(sorted(set(ALWAYS_TABLES) | looked_up))
-        obs = observe(host, role, variant=variant, tables=tables, sysctl_keys=(SYSCTL_FORWARD,))
-        notes = _backend_notes(host, obs, role, backend)
+        obs = observe(host, role, variant=VARIANTS[backend], tables=tables, sysctl_keys=(SYSCTL_FORWARD,))
+        if backend == NFT_BACKEND:
+            fw = _nft_firewall(host, obs, rendered)
+        else:
+            fw = _Firewall(iptables=tuple(r for r in obs.iptables if r.family == 4),
+                           chains=tuple(obs.chains), ipsets=obs.ipsets, entries=obs.ipset_entries,
+                           notes=tuple(_backend_notes(host, obs, role, backend)))
     links = _links(host.ns.path, obs.links)
     routes, bad_routes = _routes(obs.routes)
     rules, bad_rules = _ip_rules(obs)
-    state = NetnsState(role=role, ipsets=obs.ipsets, ipset_entries=obs.ipset_entries,
-                       iptables=tuple(r for r in obs.iptables if r.family == 4), ip_rules=rules,
-                       routes=routes, links=links, sysctls=obs.sysctls)
-    log.debug("live netns=%s role=%s rules=%d ip_rules=%d routes=%d links=%d unsupported=%d",
-              netns, role, len(state.iptables), len(rules), len(routes), len(links),
-              len(bad_routes) + len(bad_rules))
-    return LiveState(netns=str(netns), state=state, chains=tuple(obs.chains),
-                     unsupported=tuple(f"netns {netns}: {x}" for x in bad_rules + bad_routes),
+    state = NetnsState(role=role, ipsets=fw.ipsets, ipset_entries=fw.entries, iptables=fw.iptables,
+                       ip_rules=rules, routes=routes, links=links, sysctls=obs.sysctls)
+    unsupported = list(fw.unsupported) + bad_rules + bad_routes
+    log.debug("live netns=%s role=%s backend=%s rules=%d ip_rules=%d routes=%d links=%d unsupported=%d",
+              netns, role, backend, len(state.iptables), len(rules), len(routes), len(links),
+              len(unsupported))
+    return LiveState(netns=str(netns), state=state, chains=fw.chains,
+                     unsupported=tuple(f"netns {netns}: {x}" for x in unsupported),
+                     notes=fw.notes)
+
+
+def _nft_firewall(host: Host, obs: Observed, rendered: NetnsState) -> _Firewall:
+    """Our nft table mapped back onto the rendered rules, plus iptables-nft's rules where they
+    can be walked beside it (trace_live_nft)."""
+    ours = trace_live_nft.read_table(host, rendered)
+    foreign = trace_live_nft.foreign_chains(host, obs.iptables_tables)
+    beside, declared, bad = trace_live_nft.iptables_beside(obs, ours)
+    notes = list(ours.notes)
+    notes += [f"netns {host.ns.spec}: ipset {s.name} (the iptables backend's) is present; the nft set "
+              "of our table is what the rules match" for s in obs.ipsets if names.is_owned_ipset(s.name)]
+    chains = tuple(dict.fromkeys(tuple(declared) + ours.chains))
+    return _Firewall(iptables=tuple(beside) + ours.iptables, chains=chains, ipsets=ours.ipsets,
+                     entries=ours.entries, unsupported=ours.unsupported + tuple(foreign) + tuple(bad),
                      notes=tuple(notes))
 
 
@@ -145,5 +195,5 @@ def _backend_notes(host: Host, obs: Observed, role: str, backend: str) -> list[s
         t: Optional[dict] = item.get("table")
         if t and names.is_owned_nft_table(t.get("family", ""), t.get("name", "")):
             notes.append(f"netns {host.ns.spec} holds nft table {t['family']} {t['name']} (the native "
-                         "nft backend): trace --from netns does not read it yet")
+                         "nft backend): pass --backend nft to trace it")
     return notes

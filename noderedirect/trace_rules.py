@@ -56,6 +56,11 @@ INPOD_RULE_IDS = {
 }
 HOOK_ID = "hook"
 CT_STATES = frozenset({"NEW", "ESTABLISHED", "RELATED"})
+# trace --from netns --backend nft: a live nft rule that is not the translation of a rendered
+# rule keeps its place in its chain as an IptRule whose args are this prefix and the rule as nft
+# lists it (noderedirect.trace_live_nft). It is never interpreted: refused, or skipped (lenient).
+NFT_RULE_PREFIX = "nft "
+NFT_RULE_REASON = "an nft rule that is not the translation of a rendered rule"
 
 
 class TraceError(Exception):
@@ -442,6 +447,9 @@ def compile_rules(netns: str, role: str, rules: tuple[IptRule, ...], sets: froze
             ids = _aligned_ids(role, table, chain, body, ref_bodies.get((table, chain), []))
         compiled = []
         for r, rid in zip(body, ids):
+            if r.args.startswith(NFT_RULE_PREFIX):
+                compiled.append(_nft_rule(netns, r, rid, lenient))
+                continue
             skipped = None
             try:
                 matches, target = _Parser(r, netns, sets, chains_by_table.get(table, set())).parse()
@@ -454,3 +462,13 @@ def compile_rules(netns: str, role: str, rules: tuple[IptRule, ...], sets: froze
                                          is_hook=builtin and r.is_hook, skipped=skipped))
         out[(table, chain)] = tuple(compiled)
     return Ruleset(netns=netns, chains=out)
+
+
+def _nft_rule(netns: str, r: IptRule, rid: str, lenient: bool) -> CompiledRule:
+    """A live nft rule with no rendered twin (:data:`NFT_RULE_PREFIX`): never interpreted."""
+    if not lenient:
+        err = TraceError(f"netns {netns}: cannot interpret {r.args}: {NFT_RULE_REASON}")
+        err.reason = NFT_RULE_REASON
+        raise err
+    return CompiledRule(rid=rid, table=r.table, chain=r.chain, text=r.args, matches=(),
+                        target=Target("RETURN"), is_hook=False, skipped=NFT_RULE_REASON)

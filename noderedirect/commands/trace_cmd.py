@@ -8,8 +8,9 @@ import json
 import sys
 from typing import Optional
 
+from .. import desired
 from ..cli import UsageError
-from ..model import Values
+from ..model import NetnsState, Values
 from ..topology_model import (SCENARIOS, Live, TopologyError, apply_live, build, lab_values,
                               second_node_values)
 from ..trace import PACKET_KINDS, Trace, TraceError, ZtunnelModel, trace, trace_scenario
@@ -48,7 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "too), ip rules, routes (tables 100-102, main, local and any table a rule looks "
                     "up), ipset members, links and ip_forward are read live from that netns, and "
                     "the ztunnel pod's from --ztunnel-netns (read-only): the walk then shows what "
-                    "the kernel holds now, drift included. Pods, the external host and ztunnel's "
+                    "the kernel holds now, drift included. With --backend nft our nft tables are read "
+                    "instead of our iptables rules: a rule counts only when its id and expression "
+                    "are the translation of a rendered rule. Pods, the external host and ztunnel's "
                     "listeners stay the model's; the values file names them. "
                     "Without --values the project's address plan is used.")
     add_walk_args(p)
@@ -61,12 +64,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     live.add_argument("--ztunnel-netns", metavar="NS",
                       help="the ztunnel pod's netns, read live too (required in legacy mode)")
     live.add_argument("--backend", choices=LIVE_BACKENDS, default=None,
-                      help="which rules to read: iptables (nft-based, default) or iptables-legacy; "
-                           "the native nft backend cannot be read yet")
+                      help="which backend programmed the node: iptables (nft-based, default), "
+                           "iptables-legacy, or nft (our nft tables, each rule read back as the "
+                           "rendered rule it translates; legacy mode)")
     live.add_argument("--lenient", action="store_true",
                       help="a live rule, ip rule or route the tracer cannot interpret (another "
-                           "program's) is treated as non-matching, with a warning hop or note, "
-                           "instead of stopping the trace")
+                           "program's, or with --backend nft one of our nft rules changed by "
+                           "hand) is treated as non-matching, with a warning hop or note, instead "
+                           "of stopping the trace")
     p.add_argument("--output", "-o", choices=("text", "json"), default="text")
     p.add_argument("--list-scenarios", action="store_true", help="list the named scenarios and exit")
     p.set_defaults(func=run_trace)
@@ -106,15 +111,27 @@ def read_live(args: argparse.Namespace, mode: str) -> Optional[Live]:
     if len(source) != 2:
         raise UsageError("--from netns needs the netns name: --from netns NS")
     backend = args.backend or "iptables"
-    if backend == "nft":
-        raise UsageError("--backend nft is not supported for --from netns yet: it reads the rules "
-                         "of the iptables and iptables-legacy backends only")
+    if backend == "nft" and mode != "legacy":
+        raise UsageError(f"--backend nft programs the legacy design only; --mode {mode} has no nft "
+                         "table to read")
     if mode == "legacy" and not args.ztunnel_netns:
         raise UsageError("--from netns in legacy mode needs --ztunnel-netns NS (the ztunnel pod's "
                          "netns holds the receiving half of the design)")
     from ..trace_live import read
-    node = read(source[1], "node", backend)
-    zt = read(args.ztunnel_netns, "ztunnel", backend) if args.ztunnel_netns else None
+    rendered: dict[str, Optional[NetnsState]] = {"node": None, "ztunnel": None}
+    if backend == "nft":
+        # the nft rules are read back as the rendered rules they translate: rendered from the
+        # values, with what apply derives from the kernel (HostIP, tunnel remote, GENEVE port)
+        # derived the same way from these netns (read-only)
+        from ..apply import Engine
+        from ..host import NetnsRef
+        with Engine(values_for(args), NetnsRef.resolve(source[1]),
+                    NetnsRef.resolve(args.ztunnel_netns), backend="nft") as eng:
+            derived = eng.node_params()
+        out = desired.render(derived, "legacy", rules=args.rules)
+        rendered = {ns.role: ns for ns in out.netns}
+    node = read(source[1], "node", backend, rendered["node"])
+    zt = read(args.ztunnel_netns, "ztunnel", backend, rendered["ztunnel"]) if args.ztunnel_netns else None
     return Live(node=node, ztunnel=zt, lenient=args.lenient)
 
 

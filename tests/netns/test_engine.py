@@ -457,3 +457,27 @@ def test_capture_starts_only_after_the_ztunnel_netns_is_ready(pair, monkeypatch)
         assert {ns for ns, _, _ in events} == {node, zt}
         assert all(not t.startswith("write") for _, _, t in events), events
         assert eng.plan().empty
+
+
+@pytest.mark.parametrize("backend,missing,says", [
+    ("iptables", "iptables_nft", "iptables-nft is not available in netns"),
+    ("iptables-legacy", "iptables_legacy", "iptables-legacy is not available in netns"),
+    ("iptables", "ipset", "ipset (the kernel ip_set module or the ipset tool) is not available"),
+])
+def test_missing_tool_is_one_line_before_any_change(pair, monkeypatch, backend, missing, says):
+    import dataclasses
+
+    from noderedirect import host as host_mod
+    from noderedirect.host import MissingFeature
+
+    node, zt = pair
+    real = host_mod.Host.features
+    monkeypatch.setattr(host_mod.Host, "features",
+                        lambda self: dataclasses.replace(real(self), **{missing: False}))
+    before = full_snapshot(node), full_snapshot(zt)
+    with engine(pair, backend=backend) as eng:
+        with pytest.raises(MissingFeature) as ei:
+            eng.apply()
+    text = str(ei.value)
+    assert says in text and node in text and "\n" not in text
+    assert (full_snapshot(node), full_snapshot(zt)) == before

@@ -168,12 +168,10 @@ def test_pod_add_equals_a_full_apply(node_and_pods, netns_factory):
         assert eng.plan().empty
 
 
-def test_refuses_ipv6_and_pods_without_netns(node_and_pods):
+def test_refuses_pods_without_netns_and_the_nft_backend(node_and_pods):
     node, sleep, httpbin = node_and_pods
     vals = values_with(**{"pods": [SLEEP, HTTPBIN]})
     with pytest.raises(InpodError, match="httpbin"):
         InpodEngine(vals, node, {SLEEP["uid"]: sleep})
-    with pytest.raises(InpodError, match="IPv6"):
-        InpodEngine(values_with(**{"pods": [SLEEP], "inpod.ipv6": True}), node, {SLEEP["uid"]: sleep})
     with pytest.raises(InpodError, match="nft"):
         InpodEngine(vals, node, {SLEEP["uid"]: sleep, HTTPBIN["uid"]: httpbin}, backend="nft")

@@ -56,9 +56,9 @@ def test_empty_kernel_plans_everything(want):
     assert sum(1 for c in p.changes if c.kind == "route") == 7
     assert sum(1 for c in p.changes if c.kind == "ip_rule") == 4
     assert sum(1 for c in p.changes if c.action == "hook") == 8
-    tables = [t for t, _ in p.restore]
+    tables = [r.table for r in p.restore]
     assert tables == ["mangle", "nat", "filter"]
-    mangle = dict(p.restore)["mangle"]
+    mangle = {r.table: r.text for r in p.restore}["mangle"]
     assert mangle.startswith("*mangle\n:ztunnel-PREROUTING - [0:0]\n:ztunnel-FORWARD - [0:0]\n")
     assert "-I PREROUTING 1 -j ztunnel-PREROUTING\n" in mangle and mangle.endswith("COMMIT\n")
     # the set is created with its members in the same ipset restore
@@ -73,7 +73,8 @@ def test_one_deleted_rule_rewrites_only_its_chain(want):
     p = plan_for(want, "node", obs)
     assert [(c.action, c.desc) for c in p.changes] == [("rewrite", "mangle chain ztunnel-PREROUTING")]
     assert "1 missing, first: -p tcp -m set --match-set ztunnel-pods-ips src" in p.changes[0].reason
-    (table, text), = p.restore
+    (family, table, text), = p.restore
+    assert family == 4
     assert table == "mangle"
     lines = text.splitlines()
     assert lines[1] == ":ztunnel-PREROUTING - [0:0]" and len(lines) == 2 + 15 + 1
@@ -96,7 +97,7 @@ def test_stale_chain_is_unhooked_flushed_and_deleted(want):
     p = plan_for(want, "node", obs)
     assert {(c.action, c.desc) for c in p.changes} == {("destroy", "mangle chain ztunnel-OLD"),
                                                       ("unhook", "mangle -D OUTPUT -j ztunnel-OLD")}
-    text = dict(p.restore)["mangle"]
+    text = {r.table: r.text for r in p.restore}["mangle"]
     assert text.index("-D OUTPUT -j ztunnel-OLD") < text.index("-X ztunnel-OLD")
 
 
@@ -125,7 +126,7 @@ def test_ztunnel_builtin_rules_reordered_or_missing(want):
     obs2 = dataclasses.replace(obs, iptables=(foreign, z[1], z[0], z[2], z[3]))
     p = plan_for(want, "ztunnel", obs2)
     assert [(c.action, c.desc) for c in p.changes] == [("rewrite", "mangle PREROUTING: our 4 rules")]
-    text = dict(p.restore)["mangle"]
+    text = {r.table: r.text for r in p.restore}["mangle"]
     assert text.count("-D PREROUTING") == 4 and text.count("-I PREROUTING") == 4
     assert "-i eth1" not in text                      # the foreign rule is left alone
 
@@ -190,3 +191,29 @@ def test_removal_plans_only_our_objects(want):
     assert not any("KUBE" in c.desc for c in p.changes)
     assert sum(1 for c in p.changes if c.action == "destroy" and c.kind == "iptables") == 8
     assert sum(1 for c in p.changes if c.kind == "route") == 7
+
+
+def test_ipv6_family_is_planned_only_when_asked_and_carried_with_each_restore():
+    pod = {"namespace": "default", "name": "sleep", "uid": "u1", "ip": "10.244.1.5", "ip6": "fd00::5"}
+    ns = desired.inpod(values_with(**{"pods": [pod], "inpod.ipv6": True})).get("pod:default/sleep")
+    own = plan.ownership(ns.role, "inpod")
+    v4 = plan.plan_netns(ns, Observation(ns.role), own)
+    both = plan.plan_netns(ns, Observation(ns.role), own, families=(4, 6))
+    # IPv4 only: the v6 rules are not planned, so nothing marked -6 among the iptables changes
+    assert [(r.family, r.table) for r in v4.restore] == [(4, "mangle"), (4, "nat")]
+    assert not any(c.desc.startswith("-6 ") for c in v4.of("iptables"))
+    assert [(r.family, r.table) for r in both.restore] == [(4, "mangle"), (4, "nat"), (6, "mangle"), (6, "nat")]
+    assert [r.text for r in both.restore[:2]] == [r.text for r in v4.restore]
+    v6_nat = both.restore[3].text
+    assert "-A ISTIO_OUTPUT ! -d ::1/128 -o lo -j ACCEPT\n" in v6_nat and "127.0.0.1" not in v6_nat
+    assert [c.desc for c in both.of("ip_rule")] == ["32764: from all fwmark 0x111/0xfff lookup 100",
+                                                    "-6 32764: from all fwmark 0x111/0xfff lookup 100"]
+    assert [c.desc for c in both.of("route")] == ["local default dev lo scope host table 100",
+                                                  "-6 local default dev lo scope host table 100"]
+    assert "-6 nat chain ISTIO_OUTPUT (4 rules)" in [c.desc for c in both.of("iptables")]
+    # chains declared only in ip6tables are IPv6 state: the v4 plan of the same netns ignores them
+    held = Observation(ns.role, chains6=frozenset({("nat", "ISTIO_OUTPUT")}))
+    assert plan.plan_netns(ns, held, own).restore == v4.restore
+    stale = plan.removal(held, own, families=(4, 6))
+    assert [(c.action, c.desc) for c in stale.changes] == [("destroy", "-6 nat chain ISTIO_OUTPUT")]
+    assert [(r.family, r.table) for r in stale.restore] == [(6, "nat")]
