@@ -112,17 +112,24 @@ def test_live_walk_equals_the_rendered_walk(applied):
     assert (first.capture.port, first.capture.orig_dst) == (15001, "10.244.1.6:8000")
 
 
-@pytest.mark.netns
-def test_trace_command_from_netns(applied):
-    node, zt, _ = applied
-    base = ("trace", "--scenario", "sleep-httpbin", "--values", str(EXAMPLE))
-    rc, rendered, err = cli(*base)
+TRACE_SLEEP_HTTPBIN = ("trace", "--scenario", "sleep-httpbin", "--values", str(EXAMPLE))
+
+
+def assert_cli_live_walk_is_the_rendered_one(node: str, zt: str, *extra: str) -> None:
+    """`trace --from netns` on a converged pair prints the rendered walk, plus where it read."""
+    rc, rendered, err = cli(*TRACE_SLEEP_HTTPBIN)
     assert rc == 0, err
-    rc, out, err = cli(*base, "--from", "netns", node, "--ztunnel-netns", zt)
+    rc, out, err = cli(*TRACE_SLEEP_HTTPBIN, "--from", "netns", node, "--ztunnel-netns", zt, *extra)
     assert rc == 0, err
     assert without_notes(out) == without_notes(rendered)
     assert f"note: node: live state of netns {node}\n" in out
     assert "verdict: captured by ztunnel outbound :15001, original destination 10.244.1.6:8000" in out
+
+
+@pytest.mark.netns
+def test_trace_command_from_netns(applied):
+    node, zt, _ = applied
+    assert_cli_live_walk_is_the_rendered_one(node, zt)
 
 
 # ---------------------------------------------------------------- drift: what --from netns is for

@@ -16,7 +16,8 @@ import pytest
 
 from helpers import EXAMPLE
 from test_engine import engine, pair, sh  # noqa: F401 - pair is a fixture
-from test_trace_live import P15, SCENARIOS, cli, hops, wire_pods, without_notes
+from test_trace_live import (P15, SCENARIOS, TRACE_SLEEP_HTTPBIN, assert_cli_live_walk_is_the_rendered_one, cli,
+                             hops, wire_pods, without_notes)
 from noderedirect import desired, names, trace_live, trace_live_nft
 from noderedirect.model import IptRule
 from noderedirect.topology_model import Live
@@ -86,16 +87,9 @@ def test_live_nft_walk_equals_the_rendered_walk(applied_nft):
 @pytest.mark.netns
 def test_trace_command_from_netns_with_backend_nft(applied_nft):
     node, zt, _ = applied_nft
-    base = ("trace", "--scenario", "sleep-httpbin", "--values", str(EXAMPLE))
-    rc, rendered, err = cli(*base)
-    assert rc == 0, err
-    rc, out, err = cli(*base, "--from", "netns", node, "--ztunnel-netns", zt, "--backend", "nft")
-    assert rc == 0, err
-    assert without_notes(out) == without_notes(rendered)
-    assert f"note: node: live state of netns {node}\n" in out
-    assert "verdict: captured by ztunnel outbound :15001, original destination 10.244.1.6:8000" in out
+    assert_cli_live_walk_is_the_rendered_one(node, zt, "--backend", "nft")
     # the iptables reader finds none of our rules, and says where they are
-    rc, out, err = cli(*base, "--from", "netns", node, "--ztunnel-netns", zt, "--packet", "first")
+    rc, out, err = cli(*TRACE_SLEEP_HTTPBIN, "--from", "netns", node, "--ztunnel-netns", zt, "--packet", "first")
     assert rc == 0, err
     assert (f"note: netns {node} holds nft table ip ztunnel-node (the native nft backend): pass "
             "--backend nft to trace it\n") in out
@@ -314,3 +308,30 @@ def test_other_changes_to_our_table_are_named(applied_nft):
     lenient = live_nft(node, zt, vals, lenient=True)
     body = [r.args for r in lenient.node.state.iptables if r.chain == "ztunnel-PREROUTING" and r.table == "mangle"]
     assert body[0] == f"nft chain {PRE}: ip saddr 10.9.9.9 counter return" and len(body) == 16
+
+
+@pytest.mark.netns
+def test_trace_derives_host_ip_from_the_netns_like_apply(pair, tmp_path):  # noqa: F811
+    """A values file that leaves hostIP to the kernel: apply derives it from the node (the
+    first podCIDR address found there, 10.244.1.1, not the file's assumed 10.244.0.1), and so
+    must the trace, or our own rules (P9/P11 match on HostIP) would read as changed."""
+    import yaml
+
+    from helpers import DELETE, apply_change, example_data
+
+    node, zt = pair
+    wire_pods(node)
+    data = example_data()
+    apply_change(data, "node.hostIP", DELETE)
+    apply_change(data, "node.podCIDR", "10.244.0.0/16")
+    path = tmp_path / "derived.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with engine(pair, backend="nft", tunnel="vxlan", **{"node.hostIP": DELETE,
+                                                       "node.podCIDR": "10.244.0.0/16"}) as eng:
+        eng.apply()
+        assert eng.node_params().node.host_ip == "10.244.1.1" != eng.values.node.host_ip
+    rc, out, err = cli("trace", "--scenario", "sleep-httpbin", "--values", str(path), "--from", "netns",
+                       node, "--ztunnel-netns", zt, "--backend", "nft")
+    assert rc == 0, err
+    assert "not the translation" not in out + err
+    assert "verdict: captured by ztunnel outbound :15001, original destination 10.244.1.6:8000" in out
