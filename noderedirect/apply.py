@@ -523,12 +523,15 @@ class Engine:
                 plans.append(removal(obs, ownership(role), sysctl_restore=restore))
                 if self.variant == "native":
                     plans[-1] = self._nft_removal(plans[-1])
-            p = Plan(tuple(plans))
-            result = Result(plan=p)
-            if dry_run:
-                return result
-            for ns_plan in p.netns:
-                result.applied += self._cleanup_netns(ns_plan)
+            return self._remove(plans, dry_run, t0)
+
+    def _remove(self, plans: list[NetnsPlan], dry_run: bool, t0: float) -> Result:
+        """Carry out cleanup's removal plans (under the caller's lock), netns by netns."""
+        result = Result(plan=Plan(tuple(plans)))
+        if dry_run:
+            return result
+        for ns_plan in result.plan.netns:
+            result.applied += self._cleanup_netns(ns_plan)
         result.seconds = time.perf_counter() - t0
         return result
 

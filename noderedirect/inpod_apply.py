@@ -43,7 +43,7 @@ from . import names, observe as observe_mod
 from .apply import ConflictError, ConvergenceError, Engine, Result, _save_blocks
 from .host import IPTABLES_WAIT, Host, HostError, MissingFeature, NetlinkFailed, NetnsRef
 from .model import IptRule, NetnsState, Pod, Rendered, Route, Values
-from .plan import NetnsPlan, Observation, ObservedRule, Plan, ownership, plan_netns, removal
+from .plan import NetnsPlan, Observation, ObservedRule, ownership, plan_netns, removal
 from .render import restore_text
 
 log = logging.getLogger(__name__)
@@ -254,14 +254,7 @@ class InpodEngine(Engine):
             for role in ["node"] + sorted(r for r in self.hosts if r != "node"):
                 obs = self.observe(NetnsState(role=role))
                 plans.append(removal(obs, ownership(role, "inpod"), families=self.families))
-            p = Plan(tuple(plans))
-            result = Result(plan=p)
-            if dry_run:
-                return result
-            for ns_plan in p.netns:
-                result.applied += self._cleanup_netns(ns_plan)
-        result.seconds = time.perf_counter() - t0
-        return result
+            return self._remove(plans, dry_run, t0)
 
     # ------------------------------------------------------------ IPv6 tables we created
 

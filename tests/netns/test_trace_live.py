@@ -139,7 +139,12 @@ def test_trace_command_from_netns(applied):
 def test_a_deleted_rule_shows_in_the_live_walk_only(applied):
     node, zt, vals = applied
     sh("iptables", "-t", "mangle", "-D", "ztunnel-PREROUTING", *P15, ns=node)
-    state = live(node, zt)
+    assert_walk_without_p15(vals, live(node, zt))
+
+
+def assert_walk_without_p15(vals, state: Live):
+    """The live walks of a node whose P15 was deleted, against the rendered ones. Returns the
+    rendered sleep-plain trace."""
     rendered = trace_scenario(vals, "legacy", "sleep-plain")
     t = trace_scenario(vals, "legacy", "sleep-plain", live=state)
     # rendered: P15 marks the SYN for table 101 and ztunnel's :15001 takes it
@@ -154,6 +159,7 @@ def test_a_deleted_rule_shows_in_the_live_walk_only(applied):
     # same node, mesh destination: no outbound capture any more, the inbound path takes it
     assert trace_scenario(vals, "legacy", "sleep-httpbin").capture.port == 15001
     assert trace_scenario(vals, "legacy", "sleep-httpbin", live=state).capture.port == 15006
+    return rendered
     # the remaining rules keep their ids
     ids = {r.rid for r in compile_rules("node", "node", state.node.state.iptables, frozenset({"ztunnel-pods-ips"}),
                                         declared=state.node.chains,

@@ -16,8 +16,8 @@ import pytest
 
 from helpers import EXAMPLE
 from test_engine import engine, pair, sh  # noqa: F401 - pair is a fixture
-from test_trace_live import (P15, SCENARIOS, TRACE_SLEEP_HTTPBIN, assert_cli_live_walk_is_the_rendered_one, cli,
-                             hops, wire_pods, without_notes)
+from test_trace_live import (P15, SCENARIOS, TRACE_SLEEP_HTTPBIN, assert_cli_live_walk_is_the_rendered_one,
+                             assert_walk_without_p15, cli, hops, wire_pods, without_notes)
 from noderedirect import desired, names, trace_live, trace_live_nft
 from noderedirect.model import IptRule
 from noderedirect.topology_model import Live
@@ -105,16 +105,7 @@ def test_a_deleted_nft_rule_shows_in_the_live_walk_only(applied_nft):
     sh("nft", "delete", "rule", "ip", NODE_T, PRE, "handle", str(handle(node, PRE, "P15")), ns=node)
     state = live_nft(node, zt, vals)
     assert state.node.unsupported == ()
-    rendered = trace_scenario(vals, "legacy", "sleep-plain")
-    t = trace_scenario(vals, "legacy", "sleep-plain", live=state)
-    assert rendered.capture is not None and rendered.capture.port == 15001
-    assert ("node", "P15") in rendered.rule_hits(("first",))
-    syn = t.packet(1, "first")
-    assert t.capture is None and ("node", "P15") not in t.rule_hits()
-    assert (syn.outcome, syn.netns, syn.socket.name) == ("delivered", "plain-a", "test server")
-    assert [h.describe() for h in syn.hops if h.netns == "node" and h.stage == "routing"] == [
-        "103: lookup 100: no route; 32766: lookup main → 10.244.1.7 dev veth-plain-a scope host"]
-    assert trace_scenario(vals, "legacy", "sleep-httpbin", live=state).capture.port == 15006
+    rendered = assert_walk_without_p15(vals, state)
     ids = {r.rid for r in compile_rules("node", "node", state.node.state.iptables,
                                         frozenset({"ztunnel-pods-ips"}), declared=state.node.chains,
                                         reference=rendered.topology.get("node").iptables
